@@ -1,0 +1,530 @@
+"""DDPM from scratch: the code that the course notebooks share.
+
+Each section is built step by step in the notebook named in its heading; the notebook then checks
+that its own version gives the same outputs as the one here.
+
+Conventions (Ho et al., 2020, "Denoising Diffusion Probabilistic Models"):
+
+* Images are float tensors of shape ``(B, C, H, W)`` with values in ``[-1, 1]``.
+* Notation follows the paper: ``betas`` (beta_t), ``alphas`` (alpha_t = 1 - beta_t) and
+  ``alphas_cumprod`` (alpha-bar_t, the product of alpha_1 .. alpha_t).
+* Timesteps are **zero-based** in code: ``t`` runs over ``0 .. T-1`` and code ``t`` means the
+  paper's ``t + 1``. So ``betas[0]`` is the paper's beta_1, ``alphas_cumprod[T - 1]`` is alpha-bar_T,
+  and ``x_t`` in code is the paper's x_{t+1}; the clean image x_0 has no code index.
+* ``QUICK`` (environment variable ``DDPM_QUICK=1``) shrinks sizes (data, steps, sample counts)
+  so that every notebook runs on a small CPU in minutes. It never changes which code runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import gzip
+import io
+import math
+import os
+import platform
+import random
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+QUICK = os.environ.get("DDPM_QUICK") == "1"
+REPO_URL = "https://github.com/ddpm-from-scratch/ddpm-from-scratch"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def by_mode(full, quick):
+    """Return ``quick`` in quick mode (``DDPM_QUICK=1``) and ``full`` otherwise."""
+    return quick if QUICK else full
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducibility and hardware
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA); return a CPU generator seeded the same."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    return torch.Generator().manual_seed(seed)
+
+
+def get_device() -> torch.device:
+    """The fastest device available: a CUDA GPU, Apple's MPS, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def describe_hardware(device: torch.device | str | None = None) -> str:
+    """One line naming the hardware a result was measured on, for notebooks to print."""
+    device = torch.device(device or get_device())
+    if device.type == "cuda":
+        chip = torch.cuda.get_device_name(device)
+    else:
+        chip = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{chip}; PyTorch {torch.__version__}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 01: beta schedules
+# ---------------------------------------------------------------------------------------------
+
+SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
+BETA_START, BETA_END = 1e-4, 0.02  # the paper's linear schedule, for T = 1000
+COSINE_OFFSET = 0.008  # s in Nichol & Dhariwal (2021), eq. 17
+MAX_BETA = 0.999  # Nichol & Dhariwal clip cosine betas to avoid a singularity at t = T
+
+
+def beta_schedule(name: str, timesteps: int) -> torch.Tensor:
+    """Betas ``(T,)`` in float64 for the named schedule.
+
+    ``linear``, ``quadratic`` and ``sigmoid`` run from 1e-4 to 0.02 at T = 1000, as in the paper;
+    for another T both ends are scaled by 1000 / T (Nichol & Dhariwal's rule), so that alpha-bar_T
+    stays near zero. ``cosine`` defines alpha-bar directly (Nichol & Dhariwal, eq. 17) and clips
+    each beta at 0.999.
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown beta schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
+    if not isinstance(timesteps, int) or timesteps < 1:
+        raise ValueError(f"timesteps must be a positive int, got {timesteps!r}")
+    scale = 1000 / timesteps
+    start, end = scale * BETA_START, scale * BETA_END
+    if name == "linear":
+        betas = torch.linspace(start, end, timesteps, dtype=torch.float64)
+    elif name == "quadratic":
+        betas = torch.linspace(start**0.5, end**0.5, timesteps, dtype=torch.float64) ** 2
+    elif name == "sigmoid":
+        betas = torch.sigmoid(torch.linspace(-6, 6, timesteps, dtype=torch.float64)) * (end - start) + start
+    else:
+        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        alpha_bar = torch.cos((steps + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+        betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=MAX_BETA)
+    if betas.max() >= 1:
+        raise ValueError(
+            f"timesteps={timesteps} is too few for the {name} schedule: its largest beta is "
+            f"{betas.max():.3f}, and every beta must be below 1 (use T >= 21)"
+        )
+    return betas
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Every per-timestep constant that training and sampling need, computed once.
+
+    All tensors have shape ``(T,)`` and are indexed by the zero-based ``t``. Build one with
+    :meth:`from_name` or :meth:`from_betas`; move it with :meth:`to`. :meth:`at` gathers values for
+    a batch of timesteps on the schedule's device, so sampling never copies to the CPU.
+    """
+
+    betas: torch.Tensor  # beta_t
+    alphas: torch.Tensor  # alpha_t = 1 - beta_t
+    alphas_cumprod: torch.Tensor  # alpha-bar_t = prod_{s <= t} alpha_s
+    alphas_cumprod_prev: torch.Tensor  # alpha-bar_{t-1}, with alpha-bar before the first step = 1
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    sqrt_recip_alphas: torch.Tensor  # 1 / sqrt(alpha_t), in the reverse step (eq. 11)
+    sqrt_recip_alphas_cumprod: torch.Tensor  # x_0 = sqrt(1/alpha-bar) x_t - sqrt(1/alpha-bar - 1) eps
+    sqrt_recipm1_alphas_cumprod: torch.Tensor
+    posterior_variance: torch.Tensor  # beta-tilde_t (eq. 7); zero at t = 0
+    posterior_log_variance_clipped: torch.Tensor  # log beta-tilde_t with beta-tilde at t = 0 -> at t = 1
+    posterior_mean_coef1: torch.Tensor  # multiplies x_0 in mu-tilde (eq. 7)
+    posterior_mean_coef2: torch.Tensor  # multiplies x_t in mu-tilde (eq. 7)
+    name: str = "custom"
+
+    @classmethod
+    def from_name(cls, name: str, timesteps: int) -> Schedule:
+        return cls.from_betas(beta_schedule(name, timesteps), name=name)
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor, name: str = "custom") -> Schedule:
+        """Precompute in float64 (alpha-bar is a long product), store as float32."""
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.dim() != 1 or not ((betas > 0) & (betas < 1)).all():
+            raise ValueError("betas must be a 1-D tensor with every value in (0, 1)")
+        alphas = 1 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+        values = dict(
+            betas=betas,
+            alphas=alphas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
+            sqrt_recip_alphas=alphas.rsqrt(),
+            sqrt_recip_alphas_cumprod=alphas_cumprod.rsqrt(),
+            sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log(),
+            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+            posterior_mean_coef2=(1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
+        )
+        return cls(**{key: value.float() for key, value in values.items()}, name=name)
+
+    @property
+    def timesteps(self) -> int:
+        return len(self.betas)
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
+
+    def to(self, device: torch.device | str) -> Schedule:
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name != "name"}
+        return dataclasses.replace(self, **moved)
+
+    def snr(self) -> torch.Tensor:
+        """Signal-to-noise ratio alpha-bar_t / (1 - alpha-bar_t) of x_t given x_0."""
+        return self.alphas_cumprod / (1 - self.alphas_cumprod)
+
+    def at(self, name: str, t: torch.Tensor, ndim: int = 4) -> torch.Tensor:
+        """The values of ``name`` at a batch of timesteps ``t``, shaped ``(B, 1, ..., 1)`` to
+        broadcast against a ``ndim``-dimensional batch of images."""
+        return getattr(self, name)[t].view(-1, *([1] * (ndim - 1)))
+
+
+def check_timesteps(schedule: Schedule, t: torch.Tensor, batch_size: int) -> None:
+    """Raise unless ``t`` is a ``(batch_size,)`` integer tensor with values in ``0 .. T-1``."""
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or t.dim() != 1:
+        raise ValueError(f"t must be a 1-D integer tensor of shape ({batch_size},), got {t!r:.80}")
+    if len(t) != batch_size:
+        raise ValueError(f"t has {len(t)} timesteps but the batch has {batch_size} images; expected one per image")
+    if len(t) and (t.min() < 0 or t.max() >= schedule.timesteps):
+        raise ValueError(
+            f"t must lie in 0..{schedule.timesteps - 1} (zero-based, T = {schedule.timesteps}); "
+            f"got values from {t.min().item()} to {t.max().item()}"
+        )
+
+
+def check_images(x: torch.Tensor, name: str = "x", check_range: bool = False) -> None:
+    """Raise unless ``x`` is a float ``(B, C, H, W)`` batch (and, if asked, lies in [-1, 1])."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a float tensor of shape (B, C, H, W), got {shape}")
+    if check_range and len(x) and (x.min() < -1 - 1e-6 or x.max() > 1 + 1e-6):
+        raise ValueError(
+            f"{name} must lie in [-1, 1], got values from {x.min().item():.3f} to {x.max().item():.3f}; "
+            "scale images with x * 2 - 1 from [0, 1] or x / 127.5 - 1 from 0..255"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 02: the forward process
+# ---------------------------------------------------------------------------------------------
+
+
+def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw x_t ~ q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I), paper eq. 4."""
+    check_images(x0, "x0")
+    check_timesteps(schedule, t, len(x0))
+    if noise is None:
+        noise = torch.randn_like(x0)
+    elif noise.shape != x0.shape:
+        raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+    return schedule.at("sqrt_alphas_cumprod", t) * x0 + schedule.at("sqrt_one_minus_alphas_cumprod", t) * noise
+
+
+def q_posterior(
+    schedule: Schedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of q(x_{t-1} | x_t, x_0), paper eqs. 6-7.
+
+    The variance, beta-tilde_t, does not depend on the images: it comes back shaped ``(B, 1, 1, 1)``.
+    At code ``t = 0`` the mean is x_0 and the variance is 0.
+    """
+    check_images(x0, "x0")
+    if x_t.shape != x0.shape:
+        raise ValueError(f"x_t must have the shape of x0 {tuple(x0.shape)}, got {tuple(x_t.shape)}")
+    check_timesteps(schedule, t, len(x0))
+    mean = schedule.at("posterior_mean_coef1", t) * x0 + schedule.at("posterior_mean_coef2", t) * x_t
+    return mean, schedule.at("posterior_variance", t)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
+    mean1, logvar1, mean2, logvar2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mean1, logvar1, mean2, logvar2))
+    return 0.5 * (logvar2 - logvar1 + (logvar1.exp() + (mean1 - mean2) ** 2) / logvar2.exp() - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: Fashion-MNIST and MNIST from IDX files, found locally or downloaded
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSource:
+    name: str  # folder name under data/ (and under DDPM_DATA_DIR)
+    hub_id: str  # Hugging Face dataset backed by parquet files (datasets >= 4 has no scripts)
+    debian_package: str | None  # Debian ships Fashion-MNIST but not MNIST
+    debian_dir: Path | None
+
+
+DATASETS = {
+    "fashion-mnist": DatasetSource(
+        "fashion-mnist", "zalando-datasets/fashion_mnist", "dataset-fashion-mnist", Path("/usr/share/datasets/fashion-mnist")
+    ),
+    "mnist": DatasetSource("mnist", "ylecun/mnist", None, None),
+}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes, the only one these datasets use
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (``.gz`` or not) of unsigned bytes into a uint8 array of its shape."""
+    path = Path(path)
+    data = (gzip.decompress if path.suffix == ".gz" else bytes)(path.read_bytes())
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != IDX_UBYTE:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (expected magic 00 00 08 NDIM)")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = data[4 + 4 * ndim :]
+    if len(body) != math.prod(shape):
+        raise ValueError(f"{path}: header says shape {shape} ({math.prod(shape)} bytes) but {len(body)} bytes follow")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    """Write a uint8 array as a gzipped IDX file (the format of the original downloads)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, IDX_UBYTE, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    _write_atomically(Path(path), gzip.compress(header + array.tobytes()))
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(payload)
+    partial.replace(path)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _search_dirs(source: DatasetSource, data_dir: str | Path | None) -> list[Path]:
+    """Where to look, in order: the explicit folder (or DDPM_DATA_DIR), data/, the Debian package."""
+    explicit = data_dir or os.environ.get("DDPM_DATA_DIR")
+    dirs = [Path(explicit), Path(explicit) / source.name] if explicit else []
+    return dirs + [DATA_DIR / source.name] + ([source.debian_dir] if source.debian_dir else [])
+
+
+def _download(source: DatasetSource, split: str, target: Path) -> None:
+    """Download a split through Hugging Face ``datasets`` and store it as IDX files in ``target``."""
+    import datasets  # imported here: only the download path needs it
+
+    table = datasets.load_dataset(source.hub_id, split=split)
+    images = np.stack([np.asarray(image, dtype=np.uint8) for image in table["image"]])
+    labels = np.asarray(table["label"], dtype=np.uint8)
+    image_stem, label_stem = IDX_FILES[split]
+    write_idx(target / f"{image_stem}.gz", images)
+    write_idx(target / f"{label_stem}.gz", labels)
+
+
+def _missing_data_error(source: DatasetSource, split: str, searched: list[Path], reason: str) -> FileNotFoundError:
+    files = ", ".join(f"{stem}.gz" for stem in IDX_FILES[split])
+    debian = (
+        f"`apt-get install {source.debian_package}` puts the files in {source.debian_dir}"
+        if source.debian_package
+        else f"no Debian package ships {source.name}; use one of the other two ways"
+    )
+    return FileNotFoundError(
+        f"{source.name} ({split}) not found: {reason}. Searched: {', '.join(map(str, searched))}.\n"
+        f"Get it one of three ways:\n"
+        f"  1. online (Colab): load with download=True, which fetches {source.hub_id!r} through "
+        f"Hugging Face `datasets` into {DATA_DIR / source.name};\n"
+        f"  2. Debian/Ubuntu: {debian};\n"
+        f"  3. by hand: put {files} in {DATA_DIR / source.name}, or in a folder named by data_dir= "
+        f"or the DDPM_DATA_DIR environment variable."
+    )
+
+
+def load_idx_dataset(
+    name: str, split: str = "train", data_dir: str | Path | None = None, download: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(N, 1, 28, 28)`` float32 in [-1, 1] and labels ``(N,)`` int64 of an IDX dataset.
+
+    Found in this order: ``data_dir`` (or ``DDPM_DATA_DIR``), ``data/<name>``, the Debian package's
+    folder, and finally (``download=True``) a Hugging Face ``datasets`` download cached in
+    ``data/<name>`` (or ``data_dir``). If none works, the error names all three ways to get the data.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if split not in IDX_FILES:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(IDX_FILES)}")
+    source = DATASETS[name]
+    image_stem, label_stem = IDX_FILES[split]
+    searched = _search_dirs(source, data_dir)
+    folder = next((d for d in searched if _find_idx(d, image_stem) and _find_idx(d, label_stem)), None)
+    if folder is None:
+        if not download:
+            raise _missing_data_error(source, split, searched, "no IDX files there and download=False")
+        folder = Path(data_dir) if data_dir else DATA_DIR / source.name
+        try:
+            _download(source, split, folder)
+        except Exception as error:  # offline, hub down, `datasets` missing: say how else to get the data
+            raise _missing_data_error(source, split, searched, f"download failed ({error})") from error
+    images = read_idx(_find_idx(folder, image_stem))
+    labels = read_idx(_find_idx(folder, label_stem))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{folder}: expected images (N, H, W) and labels (N,), got {images.shape} and {labels.shape}")
+    return uint8_to_model(torch.from_numpy(images.copy()).unsqueeze(1)), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_fashion_mnist(split="train", data_dir=None, download=True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST: see :func:`load_idx_dataset`. Class names are in ``FASHION_MNIST_CLASSES``."""
+    return load_idx_dataset("fashion-mnist", split, data_dir, download)
+
+
+def load_mnist(split="train", data_dir=None, download=True) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST: see :func:`load_idx_dataset`."""
+    return load_idx_dataset("mnist", split, data_dir, download)
+
+
+class ImageDataset(Dataset):
+    """In-memory images and labels, each image flipped left-right with probability 1/2 if asked."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, flip: bool = False):
+        check_images(images, "images", check_range=True)
+        if len(labels) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.flip = images, labels, flip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        if self.flip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, self.labels[index]
+
+
+QUICK_SUBSET = 2048  # images used in quick mode
+
+
+def make_dataloader(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 128,
+    flip: bool = False,
+    subset: int | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+) -> DataLoader:
+    """Shuffled batches ``(x, y)`` of in-memory images, dropping the last incomplete batch.
+
+    ``subset`` keeps a random (seeded) subset of that many images; in quick mode it defaults to
+    ``QUICK_SUBSET``. ``flip`` adds random horizontal flips, a fair augmentation for clothing.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    subset = subset or by_mode(None, QUICK_SUBSET)
+    if subset is not None and subset < len(images):
+        keep = torch.randperm(len(images), generator=generator)[:subset]
+        images, labels = images[keep], labels[keep]
+    dataset = ImageDataset(images, labels, flip=flip)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Display: image grids and animated GIFs
+# ---------------------------------------------------------------------------------------------
+
+
+def uint8_to_model(images: torch.Tensor) -> torch.Tensor:
+    """0..255 integers -> floats in [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+def model_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> 0..255 integers, clamping first. The same map for every image and frame:
+    no per-image min-max stretching, which would hide how the pixel range evolves."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def image_grid(x: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
+    """A ``(H, W, C)`` uint8 grid of a ``(B, C, H, W)`` batch in [-1, 1], ``nrow`` images a row
+    (default: as square as possible). C is 1 for grey images, 3 for colour."""
+    from torchvision.utils import make_grid
+
+    check_images(x)
+    nrow = nrow or math.ceil(math.sqrt(len(x)))
+    grid = make_grid(model_to_uint8(x), nrow=nrow, padding=padding, pad_value=255)  # 3 channels
+    return grid[:1].permute(1, 2, 0) if x.shape[1] == 1 else grid.permute(1, 2, 0)
+
+
+def show_images(x: torch.Tensor, nrow: int | None = None, title: str | None = None, ax=None, scale: float = 0.6):
+    """Plot a batch of images in [-1, 1] as one grid with matplotlib; returns the axes."""
+    import matplotlib.pyplot as plt
+
+    grid = image_grid(x, nrow)
+    if ax is None:
+        height, width = grid.shape[:2]
+        _, ax = plt.subplots(figsize=(scale * width / 30, scale * height / 30))
+    ax.imshow(grid.squeeze(-1), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+class Gif:
+    """An animated GIF held in memory. Jupyter shows it inline (as ``image/gif``, and as an HTML
+    ``<img>`` for renderers without GIF support); :meth:`save` writes it to a file."""
+
+    def __init__(self, data: bytes, frames: int, size: tuple[int, int]):
+        self.data, self.frames, self.size = data, frames, size
+
+    def save(self, path: str | Path) -> Path:
+        _write_atomically(Path(path), self.data)
+        return Path(path)
+
+    def __repr__(self) -> str:
+        return f"<Gif: {self.frames} frames of {self.size[0]}x{self.size[1]} pixels>"
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        encoded = base64.b64encode(self.data).decode("ascii")
+        return {
+            "image/gif": encoded,
+            "text/html": f'<img src="data:image/gif;base64,{encoded}" alt="{self!r}"/>',
+            "text/plain": repr(self),
+        }
+
+
+def make_gif(frames, nrow: int | None = None, duration_ms: int = 80, hold_last_ms: int = 1500, scale: int = 2) -> Gif:
+    """An animated GIF of a sequence of ``(B, C, H, W)`` batches in [-1, 1], each frame a grid.
+
+    Every frame goes through the same clamp-and-map to 0..255 (``model_to_uint8``). The last frame
+    is held for ``hold_last_ms``; ``scale`` enlarges pixels for viewing.
+    """
+    from PIL import Image
+
+    pictures = []
+    for frame in frames:
+        grid = image_grid(frame, nrow).numpy()
+        picture = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
+        pictures.append(picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST))
+    if not pictures:
+        raise ValueError("make_gif needs at least one frame")
+    durations = [duration_ms] * (len(pictures) - 1) + [hold_last_ms]
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+    return Gif(buffer.getvalue(), frames=len(pictures), size=pictures[0].size)
