@@ -87,8 +87,9 @@ MAX_BETA = 0.999  # Nichol & Dhariwal clip cosine betas to avoid a singularity a
 def beta_schedule(name: str, timesteps: int) -> torch.Tensor:
     """Betas ``(T,)`` in float64 for the named schedule.
 
-    ``linear``, ``quadratic`` and ``sigmoid`` run from 1e-4 to 0.02 at T = 1000, as in the paper;
-    for another T both ends are scaled by 1000 / T (Nichol & Dhariwal's rule), so that alpha-bar_T
+    ``linear`` (the paper's) and ``quadratic`` run from 1e-4 to 0.02 at T = 1000, and ``sigmoid``
+    ramps between those two values (reaching them only approximately, as sigmoid(+-6) is not 0 or 1).
+    For another T both ends are scaled by 1000 / T (Nichol & Dhariwal's rule), so that alpha-bar_T
     stays near zero. ``cosine`` defines alpha-bar directly (Nichol & Dhariwal, eq. 17) and clips
     each beta at 0.999.
     """
@@ -111,7 +112,7 @@ def beta_schedule(name: str, timesteps: int) -> torch.Tensor:
     if betas.max() >= 1:
         raise ValueError(
             f"timesteps={timesteps} is too few for the {name} schedule: its largest beta is "
-            f"{betas.max():.3f}, and every beta must be below 1 (use T >= 21)"
+            f"{betas.max():.3f}, and every beta must be below 1 (use more timesteps)"
         )
     return betas
 
@@ -528,3 +529,348 @@ def make_gif(frames, nrow: int | None = None, duration_ms: int = 80, hold_last_m
     buffer = io.BytesIO()
     pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
     return Gif(buffer.getvalue(), frames=len(pictures), size=pictures[0].size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 03: the U-Net noise predictor
+# ---------------------------------------------------------------------------------------------
+
+from einops import rearrange  # noqa: E402  (this section's imports; they may move to the top)
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+MAX_PERIOD = 10_000  # longest wavelength / 2 pi of the sinusoidal embedding, as in the Transformer
+BLOCK_TYPES = ("resnet", "convnext")
+ATTENTION_HEADS, ATTENTION_HEAD_DIM = 4, 32
+CONVNEXT_EXPANSION = 4  # width of the ConvNeXt inverted bottleneck, in multiples of its output width
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = MAX_PERIOD) -> torch.Tensor:
+    """Embed timesteps ``t`` ``(B,)`` as ``(B, dim)`` sines and cosines (notebook 03, eq. 1).
+
+    Entry ``i < dim/2`` is sin(t w_i) and entry ``dim/2 + i`` is cos(t w_i), with frequencies
+    w_i = max_period ** (-i / (dim/2)) falling geometrically from 1 to nearly 1 / max_period.
+    """
+    if dim % 2:
+        raise ValueError(f"the embedding dimension must be even (half sines, half cosines), got {dim}")
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = rearrange(t.float(), "b -> b 1") * frequencies
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class TimeEmbedding(nn.Module):
+    """Timesteps ``(B,)`` -> ``(B, time_dim)``: a sinusoidal embedding of width ``dim``, then an MLP."""
+
+    def __init__(self, dim: int, time_dim: int):
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal_embedding(t, self.dim))
+
+
+def scale_and_shift(h: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
+    """``h * (1 + scale) + shift`` per channel, where ``film`` ``(B, 2C)`` holds scale then shift
+    (FiLM, Perez et al. 2018; "adaptive group normalization" in Dhariwal & Nichol 2021)."""
+    scale, shift = rearrange(film, "b (two c) -> two b c 1 1", two=2)
+    return h * (1 + scale) + shift
+
+
+class ResidualBlock(nn.Module):
+    """Two rounds of conv 3x3 -> GroupNorm -> SiLU; the time embedding scales and shifts every channel
+    after the first GroupNorm. A 1x1 conv matches the skip path when the width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int, dropout: float = 0.0, norm_groups: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm1 = nn.GroupNorm(norm_groups, out_channels)
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 2 * out_channels))
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(norm_groups, out_channels)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        h = F.silu(scale_and_shift(self.norm1(self.conv1(x)), self.time_proj(time_emb)))
+        h = F.silu(self.norm2(self.conv2(self.dropout(h))))
+        return h + self.skip(x)
+
+
+class ConvNextBlock(nn.Module):
+    """ConvNeXt-style block (Liu et al. 2022): depthwise 7x7 conv -> norm (GroupNorm with one group,
+    i.e. LayerNorm over channels and pixels) -> time scale-and-shift -> inverted bottleneck of 1x1
+    convs (``CONVNEXT_EXPANSION`` times wider, GELU between). A 1x1 conv matches the skip path."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int, dropout: float = 0.0):
+        super().__init__()
+        hidden = CONVNEXT_EXPANSION * out_channels
+        self.depthwise = nn.Conv2d(in_channels, in_channels, 7, padding=3, groups=in_channels)
+        self.norm = nn.GroupNorm(1, in_channels)
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 2 * in_channels))
+        self.pointwise = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1), nn.GELU(), nn.Dropout(dropout), nn.Conv2d(hidden, out_channels, 1)
+        )
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        h = scale_and_shift(self.norm(self.depthwise(x)), self.time_proj(time_emb))
+        return self.pointwise(h) + self.skip(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention between all H*W pixels, as a pre-norm residual: x + out(attn(norm(x))).
+    Time and memory grow with (H*W)^2: the weights form an (H*W, H*W) matrix per head."""
+
+    def __init__(self, channels: int, norm_groups: int = 8, heads: int = ATTENTION_HEADS, head_dim: int = ATTENTION_HEAD_DIM):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.to_qkv = nn.Conv2d(channels, 3 * heads * head_dim, 1, bias=False)
+        self.to_out = nn.Conv2d(heads * head_dim, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.to_qkv(self.norm(x))
+        q, k, v = rearrange(qkv, "b (three h d) y x -> three b h (y x) d", three=3, h=self.heads)
+        weights = torch.einsum("bhid,bhjd->bhij", q * q.shape[-1] ** -0.5, k).softmax(dim=-1)
+        out = torch.einsum("bhij,bhjd->bhid", weights, v)
+        return x + self.to_out(rearrange(out, "b h (y x) d -> b (h d) y x", y=x.shape[-2]))
+
+
+class LinearAttention(nn.Module):
+    """Linear ("efficient") attention, Shen et al. 2021: softmax q over features and k over pixels,
+    then out = q^T (k v^T). Each head summarises all pixels in a (d, d) matrix, so time and memory grow
+    linearly with H*W. Same parameters and pre-norm residual as :class:`Attention`."""
+
+    def __init__(self, channels: int, norm_groups: int = 8, heads: int = ATTENTION_HEADS, head_dim: int = ATTENTION_HEAD_DIM):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.to_qkv = nn.Conv2d(channels, 3 * heads * head_dim, 1, bias=False)
+        self.to_out = nn.Conv2d(heads * head_dim, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.to_qkv(self.norm(x))
+        q, k, v = rearrange(qkv, "b (three h d) y x -> three b h d (y x)", three=3, h=self.heads)
+        context = torch.einsum("bhdn,bhen->bhde", k.softmax(dim=-1), v)  # (B, heads, d, d)
+        out = torch.einsum("bhde,bhdn->bhen", context, q.softmax(dim=-2))
+        return x + self.to_out(rearrange(out, "b h e (y x) -> b (h e) y x", y=x.shape[-2]))
+
+
+class Downsample(nn.Module):
+    """Halve H and W: each 2x2 patch becomes one pixel with 4x the channels (nothing is thrown away),
+    then a 1x1 conv mixes them back to ``channels``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(4 * channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(rearrange(x, "b c (h p) (w q) -> b (c p q) h w", p=2, q=2))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour upsampling, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def unet_resolutions(image_size: int, levels: int) -> list[int]:
+    """The side length of the feature maps at each level of a U-Net: image_size, /2, /4, ..."""
+    return [image_size // 2**level for level in range(levels)]
+
+
+def check_unet_config(config: dict) -> None:
+    """Raise ValueError, saying what to change, unless ``config`` builds a working :class:`UNet`."""
+    if config["block_type"] not in BLOCK_TYPES:
+        raise ValueError(f"unknown block_type {config['block_type']!r}; expected one of {', '.join(map(repr, BLOCK_TYPES))}")
+    for name in ("image_channels", "image_size", "base_channels", "num_res_blocks", "norm_groups"):
+        if not isinstance(config[name], int) or config[name] < 1:
+            raise ValueError(f"{name} must be a positive int, got {config[name]!r}")
+    mults = config["channel_mults"]
+    if not mults or not all(isinstance(m, int) and m >= 1 for m in mults):
+        raise ValueError(f"channel_mults must be a non-empty list of positive ints, one per level, got {mults!r}")
+    if config["base_channels"] % 2:
+        raise ValueError(f"base_channels must be even (it is also the sinusoidal embedding's width), got {config['base_channels']}")
+    if not 0 <= config["dropout"] < 1:
+        raise ValueError(f"dropout must lie in [0, 1), got {config['dropout']!r}")
+    size, factor = config["image_size"], 2 ** (len(mults) - 1)
+    if size % factor:
+        raise ValueError(
+            f"image_size={size} is not divisible by 2^{len(mults) - 1} = {factor}, which the {len(mults) - 1} "
+            f"downsamplings of {len(mults)} levels (channel_mults={list(mults)}) need; use an image size that "
+            f"is a multiple of {factor} or fewer levels"
+        )
+    resolutions = unet_resolutions(size, len(mults))
+    for name in ("attention_resolutions", "linear_attention_resolutions"):
+        for resolution in config[name]:
+            if resolution not in resolutions:
+                raise ValueError(
+                    f"{name} contains {resolution}, but a {size}x{size} image with {len(mults)} levels only "
+                    f"passes through resolutions {resolutions}; choose from these"
+                )
+    groups, widths = config["norm_groups"], [config["base_channels"] * m for m in mults]
+    for level, width in enumerate(widths):
+        if width % groups:
+            gcd = math.gcd(*widths)
+            divisors = [d for d in range(1, gcd + 1) if gcd % d == 0]
+            raise ValueError(
+                f"norm_groups={groups} does not divide the width {width} of level {level} "
+                f"(base_channels={config['base_channels']} x channel_mults[{level}]={mults[level]}): GroupNorm needs "
+                f"the group count to divide every width {widths}; use norm_groups in {divisors} or make "
+                f"base_channels a multiple of {groups}"
+            )
+
+
+class UNet(nn.Module):
+    """The noise predictor eps_theta(x_t, t) of DDPM: ``(B, C, H, W)`` images and ``(B,)`` integer
+    timesteps in, predicted noise of the same shape out.
+
+    Levels run at ``image_size``, /2, /4, ... with widths ``base_channels * channel_mults[i]``; each level
+    has ``num_res_blocks`` blocks (``block_type`` "resnet" or "convnext") on the way down and up, joined by
+    skip connections, with self-attention after each block at ``attention_resolutions`` and linear attention
+    at ``linear_attention_resolutions``. The middle is block, self-attention, block. ``model.config`` holds
+    the constructor arguments as a plain dict, so ``UNet(**model.config)`` rebuilds the architecture.
+
+    The default (``DEFAULT_UNET_CONFIG``) is for 28x28 Fashion-MNIST: base width 64, mults (1, 2, 2) so
+    levels run at 28, 14, 7 with 64, 128, 128 channels, two ResNet blocks a level, full attention only at
+    7x7 (49 pixels, where it is cheap), dropout 0.1 as in Ho et al. for CIFAR-10: 5.6 M parameters.
+    Three levels suffice for 28x28 (7x7 already sees the whole image with a few 3x3 convs); a third
+    halving would give 3.5x3.5. See notebook 03 for the measurements behind the choice.
+    """
+
+    def __init__(
+        self,
+        image_channels: int = 1,
+        image_size: int = 28,
+        base_channels: int = 64,
+        channel_mults: tuple[int, ...] | list[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: tuple[int, ...] | list[int] = (7,),
+        linear_attention_resolutions: tuple[int, ...] | list[int] = (),
+        dropout: float = 0.1,
+        block_type: str = "resnet",
+        norm_groups: int = 8,
+    ):
+        super().__init__()
+        self.config = dict(
+            image_channels=image_channels,
+            image_size=image_size,
+            base_channels=base_channels,
+            channel_mults=list(channel_mults),
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=list(attention_resolutions),
+            linear_attention_resolutions=list(linear_attention_resolutions),
+            dropout=float(dropout),
+            block_type=block_type,
+            norm_groups=norm_groups,
+        )
+        check_unet_config(self.config)
+        widths = [base_channels * m for m in channel_mults]
+        resolutions = unet_resolutions(image_size, len(widths))
+        time_dim = 4 * base_channels
+
+        def block(in_channels: int, out_channels: int) -> nn.Module:
+            if block_type == "resnet":
+                return ResidualBlock(in_channels, out_channels, time_dim, dropout, norm_groups)
+            return ConvNextBlock(in_channels, out_channels, time_dim, dropout)
+
+        def attention(channels: int, resolution: int) -> nn.Module:
+            if resolution in attention_resolutions:
+                return Attention(channels, norm_groups)
+            if resolution in linear_attention_resolutions:
+                return LinearAttention(channels, norm_groups)
+            return nn.Identity()
+
+        self.time_embedding = TimeEmbedding(base_channels, time_dim)
+        self.stem = nn.Conv2d(image_channels, base_channels, 3, padding=1)
+        self.down, channels = nn.ModuleList(), base_channels
+        for level, (width, resolution) in enumerate(zip(widths, resolutions)):
+            blocks = [block(channels if i == 0 else width, width) for i in range(num_res_blocks)]
+            self.down.append(
+                nn.ModuleDict(
+                    dict(
+                        blocks=nn.ModuleList(blocks),
+                        attentions=nn.ModuleList(attention(width, resolution) for _ in blocks),
+                        resample=Downsample(width) if level < len(widths) - 1 else nn.Identity(),
+                    )
+                )
+            )
+            channels = width
+        self.middle = nn.ModuleDict(
+            dict(block1=block(channels, channels), attention=Attention(channels, norm_groups), block2=block(channels, channels))
+        )
+        self.up = nn.ModuleList()
+        for level, (width, resolution) in reversed(list(enumerate(zip(widths, resolutions)))):
+            # each block takes the concatenation of the path below and one skip of this level's width
+            blocks = [block((channels if i == 0 else width) + width, width) for i in range(num_res_blocks)]
+            self.up.append(
+                nn.ModuleDict(
+                    dict(
+                        blocks=nn.ModuleList(blocks),
+                        attentions=nn.ModuleList(attention(width, resolution) for _ in blocks),
+                        resample=Upsample(width) if level > 0 else nn.Identity(),
+                    )
+                )
+            )
+            channels = width
+        self.head = nn.Sequential(
+            nn.GroupNorm(norm_groups, channels), nn.SiLU(), nn.Conv2d(channels, image_channels, 3, padding=1)
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(x, t)
+        time_emb = self.time_embedding(t)
+        h, skips = self.stem(x), []
+        for level in self.down:
+            for block, attention in zip(level["blocks"], level["attentions"]):
+                h = attention(block(h, time_emb))
+                skips.append(h)
+            h = level["resample"](h)
+        h = self.middle["block2"](self.middle["attention"](self.middle["block1"](h, time_emb)), time_emb)
+        for level in self.up:
+            for block, attention in zip(level["blocks"], level["attentions"]):
+                h = attention(block(torch.cat([h, skips.pop()], dim=1), time_emb))
+            h = level["resample"](h)
+        return self.head(h)
+
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        """Raise unless ``x`` is ``(B, image_channels, image_size, image_size)`` and ``t`` is ``(B,)``."""
+        check_images(x)
+        channels, size = self.config["image_channels"], self.config["image_size"]
+        if x.shape[1:] != (channels, size, size):
+            raise ValueError(
+                f"this UNet was built for images of shape ({channels}, {size}, {size}), got {tuple(x.shape[1:])}; "
+                "build it with matching image_channels and image_size"
+            )
+        if not isinstance(t, torch.Tensor) or t.shape != (len(x),):
+            raise ValueError(f"t must be a tensor of shape ({len(x)},), one timestep per image, got {t!r:.80}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """The number of trainable parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# For 28x28 Fashion-MNIST; the reasons are in UNet's docstring and notebook 03. Quick mode keeps the
+# architecture and shrinks its width and depth so a 2-core CPU can train it in minutes.
+DEFAULT_UNET_CONFIG = dict(
+    image_channels=1,
+    image_size=28,
+    base_channels=64,
+    channel_mults=[1, 2, 2],
+    num_res_blocks=2,
+    attention_resolutions=[7],
+    linear_attention_resolutions=[],
+    dropout=0.1,
+    block_type="resnet",
+    norm_groups=8,
+)
+QUICK_UNET_CONFIG = {**DEFAULT_UNET_CONFIG, "base_channels": 16, "num_res_blocks": 1}
+UNET_CONFIG = by_mode(DEFAULT_UNET_CONFIG, QUICK_UNET_CONFIG)
