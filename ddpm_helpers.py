@@ -26,11 +26,14 @@ import os
 import platform
 import random
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 QUICK = os.environ.get("DDPM_QUICK") == "1"
 REPO_URL = "https://github.com/ddpm-from-scratch/ddpm-from-scratch"
@@ -488,8 +491,9 @@ def show_images(x: torch.Tensor, nrow: int | None = None, title: str | None = No
 
 
 class Gif:
-    """An animated GIF held in memory. Jupyter shows it inline (as ``image/gif``, and as an HTML
-    ``<img>`` for renderers without GIF support); :meth:`save` writes it to a file."""
+    """An animated GIF held in memory, shown inline as an HTML ``<img>`` with the GIF embedded.
+    (Jupyter, Colab and GitHub all render that; several renderers, nbconvert's among them, do not
+    render an ``image/gif`` output.) :meth:`save` writes it to a file."""
 
     def __init__(self, data: bytes, frames: int, size: tuple[int, int]):
         self.data, self.frames, self.size = data, frames, size
@@ -503,11 +507,7 @@ class Gif:
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         encoded = base64.b64encode(self.data).decode("ascii")
-        return {
-            "image/gif": encoded,
-            "text/html": f'<img src="data:image/gif;base64,{encoded}" alt="{self!r}"/>',
-            "text/plain": repr(self),
-        }
+        return {"text/html": f'<img src="data:image/gif;base64,{encoded}" alt="{self!r}"/>', "text/plain": repr(self)}
 
 
 def make_gif(frames, nrow: int | None = None, duration_ms: int = 80, hold_last_ms: int = 1500, scale: int = 2) -> Gif:
@@ -599,9 +599,9 @@ class ResidualBlock(nn.Module):
 
 
 class ConvNextBlock(nn.Module):
-    """ConvNeXt-style block (Liu et al. 2022): depthwise 7x7 conv -> norm (GroupNorm with one group,
-    i.e. LayerNorm over channels and pixels) -> time scale-and-shift -> inverted bottleneck of 1x1
-    convs (``CONVNEXT_EXPANSION`` times wider, GELU between). A 1x1 conv matches the skip path."""
+    """ConvNeXt-style block (Liu et al. 2022): depthwise 7x7 conv -> GroupNorm with one group (each
+    image standardised over all its channels and pixels) -> time scale-and-shift -> inverted bottleneck
+    of 1x1 convs (``CONVNEXT_EXPANSION`` times wider, GELU between). A 1x1 conv matches the skip path."""
 
     def __init__(self, in_channels: int, out_channels: int, time_dim: int, dropout: float = 0.0):
         super().__init__()
@@ -874,3 +874,468 @@ DEFAULT_UNET_CONFIG = dict(
 )
 QUICK_UNET_CONFIG = {**DEFAULT_UNET_CONFIG, "base_channels": 16, "num_res_blocks": 1}
 UNET_CONFIG = by_mode(DEFAULT_UNET_CONFIG, QUICK_UNET_CONFIG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 04: training (Algorithm 1)
+# ---------------------------------------------------------------------------------------------
+
+LOSSES = ("l1", "l2", "mse", "huber")
+
+
+def p_losses(
+    model: nn.Module,
+    schedule: Schedule,
+    x0: torch.Tensor,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    loss_type: str = "l2",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The simplified objective L_simple (paper eq. 14) for a batch of clean images ``x0``.
+
+    Draws ``t`` uniformly from ``0..T-1`` and ``noise`` ~ N(0, I) unless given, noises ``x0`` with
+    :func:`q_sample` and compares the model's noise prediction with the true noise. ``loss_type`` is
+    ``l2`` (= ``mse``, the paper's), ``l1`` or ``huber``. ``reduction="none"`` gives one loss per image.
+    """
+    if loss_type not in LOSSES:
+        raise ValueError(f"unknown loss {loss_type!r}; expected one of {', '.join(LOSSES)}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if t is None:
+        t = torch.randint(0, schedule.timesteps, (len(x0),), device=x0.device)
+    if noise is None:
+        noise = torch.randn_like(x0)
+    predicted = model(q_sample(schedule, x0, t, noise), t)
+    if loss_type == "l1":
+        loss = F.l1_loss(predicted, noise, reduction="none")
+    elif loss_type == "huber":
+        loss = F.smooth_l1_loss(predicted, noise, reduction="none")
+    else:
+        loss = F.mse_loss(predicted, noise, reduction="none")
+    per_image = loss.flatten(1).mean(1)
+    return per_image.mean() if reduction == "mean" else per_image
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The course's training recipe. ``TRAIN_CONFIG`` holds the default (quick mode: a short run)."""
+
+    steps: int = 10_000
+    batch_size: int = 128
+    lr: float = 2e-4  # Adam, as in the paper
+    warmup_steps: int = 500  # linear learning-rate warm-up, as in the paper (which uses 5000)
+    ema_decay: float = 0.999  # short runs need a shorter EMA horizon than the paper's 0.9999
+    grad_clip: float = 1.0
+    loss_type: str = "l2"
+    schedule: str = "linear"
+    timesteps: int = 1000
+    flip: bool = True  # random horizontal flips (paper, for CIFAR-10)
+    sample_every: int = 2_000
+    checkpoint_every: int = 1_000
+    seed: int = 0
+
+
+TRAIN_CONFIG = by_mode(
+    TrainConfig(), TrainConfig(steps=40, batch_size=32, warmup_steps=10, sample_every=20, checkpoint_every=20)
+)
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights (``torch.optim.swa_utils``)."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA: bf16 where the GPU supports it, else fp16; full fp32 elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def forever(loader: DataLoader):
+    """Batches from ``loader``, epoch after epoch. Training counts steps, not epochs."""
+    while True:
+        yield from loader
+
+
+def train(
+    model: nn.Module,
+    loader: DataLoader,
+    config: TrainConfig = TRAIN_CONFIG,
+    checkpoint_path: str | Path | None = None,
+    on_sample=None,
+    num_samples: int = 16,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Algorithm 1: repeat { x_0 ~ data; t ~ U{0..T-1}; eps ~ N(0, I); step on ||eps - eps_theta||^2 }.
+
+    Adds what a real run needs: Adam with learning-rate warm-up, gradient clipping, an EMA of the
+    weights, mixed precision on CUDA, a sample grid from the EMA model every ``sample_every`` steps
+    (passed to ``on_sample(step, images)``), and a checkpoint written atomically every
+    ``checkpoint_every`` steps and at the end. If ``checkpoint_path`` exists, training resumes from
+    it. A non-finite loss stops training with an error. Returns the checkpoint dictionary.
+    """
+    device = torch.device(device or get_device())
+    model.to(device).train()
+    schedule = Schedule.from_name(config.schedule, config.timesteps).to(device)
+    ema = make_ema(model, config.ema_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps))
+    dtype = autocast_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    state = {"step": 0, "losses": [], "wall_time_s": 0.0}
+    if checkpoint_path and Path(checkpoint_path).exists():
+        state = _resume(checkpoint_path, model, ema, optimizer, warmup, scaler, config)
+    seed_everything(config.seed + state["step"])
+    started = time.perf_counter() - state["wall_time_s"]
+    batches = forever(loader)
+    bar = tqdm(range(state["step"], config.steps), initial=state["step"], total=config.steps, disable=not progress)
+    for step in bar:
+        x0 = next(batches)[0].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = p_losses(model, schedule, x0, loss_type=config.loss_type)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss became {loss.item()} at step {step}: training stopped. Lower the learning rate "
+                f"(now {config.lr}) or the gradient clip (now {config.grad_clip}), and check the data is finite."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        warmup.step()
+        ema.update_parameters(model)
+        state["losses"].append(loss.item())
+        state["step"] = step + 1
+        bar.set_postfix(loss=f"{state['losses'][-1]:.4f}")
+        if on_sample and state["step"] % config.sample_every == 0:
+            on_sample(state["step"], p_sample_loop(ema.module, schedule, (num_samples, *x0.shape[1:]), progress=False))
+        if checkpoint_path and (state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps):
+            state["wall_time_s"] = time.perf_counter() - started
+            save_checkpoint(checkpoint_path, model, ema, config, state, optimizer, warmup, scaler)
+    state["wall_time_s"] = time.perf_counter() - started
+    return _checkpoint_dict(model, ema, config, state, optimizer, warmup, scaler)
+
+
+CHECKPOINT_FORMAT = "ddpm-from-scratch/1"
+
+
+def _checkpoint_dict(model, ema, config, state, optimizer=None, warmup=None, scaler=None) -> dict:
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": dict(model.config),
+        "schedule": {"name": config.schedule, "timesteps": config.timesteps},
+        "train_config": dataclasses.asdict(config),
+        "step": state["step"],
+        "losses": list(state["losses"]),
+        "wall_time_s": state["wall_time_s"],
+        "hardware": describe_hardware(next(model.parameters()).device),
+        "ema": ema.module.state_dict(),
+        "ema_n_averaged": ema.n_averaged,
+        "model": model.state_dict(),
+    }
+    if optimizer is not None:
+        checkpoint.update(optimizer=optimizer.state_dict(), warmup=warmup.state_dict(), scaler=scaler.state_dict())
+    return checkpoint
+
+
+def save_checkpoint(path, model, ema, config, state, optimizer=None, warmup=None, scaler=None) -> Path:
+    """Write a checkpoint atomically: to ``PATH.partial`` first, then renamed over ``PATH``, so a
+    crash mid-write never leaves a truncated file. Without ``optimizer`` it holds weights only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(_checkpoint_dict(model, ema, config, state, optimizer, warmup, scaler), partial)
+    partial.replace(path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint dictionary safely (``weights_only=True``: tensors and plain data only)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint of this course (expected format {CHECKPOINT_FORMAT!r})")
+    return checkpoint
+
+
+def _config_differences(expected: dict, actual: dict) -> list[str]:
+    keys = sorted(set(expected) | set(actual))
+    return [f"{key}: checkpoint {expected.get(key)!r}, here {actual.get(key)!r}" for key in keys if expected.get(key) != actual.get(key)]
+
+
+def _check_same_config(path, kind: str, expected: dict, actual: dict) -> None:
+    differences = _config_differences(expected, actual)
+    if differences:
+        raise ValueError(f"{path} was saved with another {kind} configuration: " + "; ".join(differences))
+
+
+def _resume(path, model, ema, optimizer, warmup, scaler, config) -> dict:
+    checkpoint = read_checkpoint(path)
+    _check_same_config(path, "model", checkpoint["model_config"], dict(model.config))
+    _check_same_config(path, "training", checkpoint["train_config"], dataclasses.asdict(config) | {"steps": checkpoint["train_config"]["steps"]})
+    if "optimizer" not in checkpoint:
+        raise ValueError(f"{path} holds weights only (no optimizer state), so training cannot resume from it")
+    model.load_state_dict(checkpoint["model"])
+    ema.module.load_state_dict(checkpoint["ema"])
+    ema.n_averaged.copy_(checkpoint["ema_n_averaged"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    warmup.load_state_dict(checkpoint["warmup"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    return {key: checkpoint[key] for key in ("step", "losses", "wall_time_s")}
+
+
+def load_checkpoint(path: str | Path, model: nn.Module | None = None, weights: str = "ema", device="cpu"):
+    """The trained model (EMA weights unless ``weights="model"``), in eval mode, its schedule, and
+    the checkpoint dictionary. A given ``model`` must have the checkpoint's configuration."""
+    checkpoint = read_checkpoint(path)
+    if model is None:
+        model = UNet(**checkpoint["model_config"])
+    _check_same_config(path, "model", checkpoint["model_config"], dict(model.config))
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    model.load_state_dict(checkpoint[weights])
+    schedule = Schedule.from_name(checkpoint["schedule"]["name"], checkpoint["schedule"]["timesteps"])
+    return model.to(device).eval(), schedule.to(device), checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 05: sampling (Algorithm 2)
+# ---------------------------------------------------------------------------------------------
+
+VARIANCES = ("beta", "beta_tilde")
+
+
+def predict_x0(schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Invert eq. 4 for x_0 given the predicted noise: x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t)."""
+    return schedule.at("sqrt_recip_alphas_cumprod", t) * x_t - schedule.at("sqrt_recipm1_alphas_cumprod", t) * eps
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, I) noise shaped like ``x``, drawn from ``generator`` on its own device, so that a seeded
+    CPU generator gives the same noise whatever device the model runs on."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device).to(x.device)
+
+
+@torch.inference_mode()
+def p_sample(model, schedule, x_t, t: int, variance="beta", clip_x0=False, generator=None) -> torch.Tensor:
+    """One reverse step x_t -> x_{t-1} (Algorithm 2, lines 3-4; code ``t`` is zero-based).
+
+    The mean is eq. 11 computed from the predicted noise or, with ``clip_x0``, the posterior mean
+    (eq. 7) at the predicted x_0 clipped to [-1, 1]. The variance sigma_t^2 is ``beta`` (beta_t) or
+    ``beta_tilde`` (beta-tilde_t). At ``t = 0`` the mean is returned without noise.
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; expected one of {', '.join(VARIANCES)}")
+    if not 0 <= t < schedule.timesteps:
+        raise ValueError(f"t must lie in 0..{schedule.timesteps - 1} (zero-based), got {t}")
+    t_batch = torch.full((len(x_t),), t, device=x_t.device, dtype=torch.long)
+    eps = model(x_t, t_batch)
+    if clip_x0:
+        mean, _ = q_posterior(schedule, predict_x0(schedule, x_t, t_batch, eps).clamp(-1, 1), x_t, t_batch)
+    else:
+        eps_scale = schedule.betas[t] / schedule.sqrt_one_minus_alphas_cumprod[t]
+        mean = schedule.sqrt_recip_alphas[t] * (x_t - eps_scale * eps)
+    if t == 0:
+        return mean
+    sigma_squared = schedule.betas[t] if variance == "beta" else schedule.posterior_variance[t]
+    return mean + sigma_squared.sqrt() * _noise_like(x_t, generator)
+
+
+def _starting_noise(model, shape, generator, x_T, device) -> torch.Tensor:
+    device = torch.device(device or next(model.parameters()).device)
+    if x_T is None:
+        return _noise_like(torch.empty(shape, device=device), generator)
+    if tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T must have shape {tuple(shape)}, got {tuple(x_T.shape)}")
+    return x_T.to(device)
+
+
+@torch.inference_mode()
+def p_sample_loop(
+    model,
+    schedule,
+    shape,
+    variance="beta",
+    clip_x0=False,
+    generator=None,
+    return_all=False,
+    x_T=None,
+    device=None,
+    progress=True,
+) -> torch.Tensor:
+    """Algorithm 2: x_T ~ N(0, I) (or the given ``x_T``), then T reverse steps down to x_0.
+
+    Returns x_0 of ``shape``, or with ``return_all`` all T + 1 states ``(T + 1, *shape)`` on the CPU,
+    starting with the pure noise x_T. The model samples in eval mode and is given back in the mode
+    it was in."""
+    was_training = model.training
+    model.eval()
+    x = _starting_noise(model, shape, generator, x_T, device)
+    states = [x.cpu()] if return_all else None
+    for t in tqdm(reversed(range(schedule.timesteps)), total=schedule.timesteps, disable=not progress, desc="sampling"):
+        x = p_sample(model, schedule, x, t, variance, clip_x0, generator)
+        if return_all:
+            states.append(x.cpu())
+    model.train(was_training)
+    return torch.stack(states) if return_all else x
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 06: DDIM (Song, Meng and Ermon, 2021)
+# ---------------------------------------------------------------------------------------------
+
+
+def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
+    """The ``steps`` timesteps DDIM visits: evenly spaced, strictly decreasing from ``T - 1`` to 0.
+    Each step goes from one to the next, and the step from 0 goes to x_0 (no pair repeats a t)."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"steps must lie in 1..{timesteps} (the model's T), got {steps}")
+    if steps == 1:
+        return [timesteps - 1]
+    return torch.linspace(timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+
+
+@torch.inference_mode()
+def ddim_step(model, schedule, x_t, t: int, t_prev: int, eta=0.0, clip_x0=False, generator=None) -> torch.Tensor:
+    """One DDIM update from code timestep ``t`` to ``t_prev`` (``-1`` means x_0), Song et al. eq. 12:
+    x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z, with
+    sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev). Note ab is the
+    cumulative alpha-bar, never the single-step alpha."""
+    t_batch = torch.full((len(x_t),), t, device=x_t.device, dtype=torch.long)
+    eps = model(x_t, t_batch)
+    x0 = predict_x0(schedule, x_t, t_batch, eps)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    alpha_bar = schedule.alphas_cumprod[t]
+    alpha_bar_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else alpha_bar.new_ones(())
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+    x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
+    return x_prev + sigma * _noise_like(x_t, generator) if eta > 0 else x_prev
+
+
+@torch.inference_mode()
+def ddim_sample(
+    model,
+    schedule,
+    shape,
+    steps=50,
+    eta=0.0,
+    clip_x0=False,
+    generator=None,
+    return_all=False,
+    x_T=None,
+    device=None,
+    progress=True,
+) -> torch.Tensor:
+    """DDIM sampling with ``steps`` network calls. ``eta=0`` is deterministic given x_T; ``eta=1``
+    with all T steps is DDPM with sigma_t^2 = beta-tilde_t. Returns like :func:`p_sample_loop`
+    (``return_all`` gives ``steps + 1`` states)."""
+    was_training = model.training
+    model.eval()
+    x = _starting_noise(model, shape, generator, x_T, device)
+    states = [x.cpu()] if return_all else None
+    visited = ddim_timesteps(schedule.timesteps, steps)
+    for t, t_prev in tqdm(zip(visited, visited[1:] + [-1]), total=steps, disable=not progress, desc="DDIM"):
+        x = ddim_step(model, schedule, x, t, t_prev, eta, clip_x0, generator)
+        if return_all:
+            states.append(x.cpu())
+    model.train(was_training)
+    return torch.stack(states) if return_all else x
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python ddpm_helpers.py train | sample
+# ---------------------------------------------------------------------------------------------
+
+SHIPPED_CHECKPOINT = DATA_DIR / "pretrained" / "fashion_mnist_ddpm.pt"
+MAX_SHIPPED_MB = 20
+
+
+def export_checkpoint(resumable: str | Path, out: str | Path) -> Path:
+    """Copy a training checkpoint without its optimizer state (and without the raw weights if the
+    file would exceed ``MAX_SHIPPED_MB``): what the course ships in ``data/pretrained/``."""
+    checkpoint = read_checkpoint(resumable)
+    for key in ("optimizer", "warmup", "scaler"):
+        checkpoint.pop(key, None)
+    weights_mb = sum(v.numel() * v.element_size() for v in checkpoint["ema"].values()) / 2**20
+    if 2 * weights_mb > MAX_SHIPPED_MB:
+        checkpoint.pop("model")
+    out = Path(out)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    _write_atomically(out, buffer.getvalue())
+    return out
+
+
+def _train_command(args) -> None:
+    config = dataclasses.replace(TRAIN_CONFIG, **{k: v for k, v in vars(args).items() if k in TRAIN_CONFIG.__dataclass_fields__ and v is not None})
+    seed_everything(config.seed)
+    images, labels = load_fashion_mnist("train")
+    loader = make_dataloader(images, labels, config.batch_size, flip=config.flip, seed=config.seed)
+    resumable = Path(args.resume_file or DATA_DIR / "checkpoints" / Path(args.out).name)
+    checkpoint = train(UNet(**UNET_CONFIG), loader, config, checkpoint_path=resumable, device=args.device)
+    export_checkpoint(resumable, args.out)
+    print(f"trained {checkpoint['step']} steps in {checkpoint['wall_time_s'] / 60:.1f} min on {checkpoint['hardware']}; wrote {args.out}")
+
+
+def _sample_command(args) -> None:
+    model, schedule, _ = load_checkpoint(args.checkpoint, device=args.device or get_device())
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (args.num, model.config["image_channels"], model.config["image_size"], model.config["image_size"])
+    if args.sampler == "ddpm":
+        x0 = p_sample_loop(model, schedule, shape, variance=args.variance, generator=generator)
+    else:
+        x0 = ddim_sample(model, schedule, shape, steps=args.steps, eta=args.eta, generator=generator)
+    out = Path(args.out)
+    if out.suffix == ".pt":
+        buffer = io.BytesIO()
+        torch.save(model_to_uint8(x0), buffer)
+        _write_atomically(out, buffer.getvalue())
+    else:
+        from PIL import Image
+
+        grid = image_grid(x0).numpy()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(out)
+    print(f"wrote {args.num} samples to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python ddpm_helpers.py", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_parser = commands.add_parser("train", help="train the course's default recipe on Fashion-MNIST")
+    train_parser.add_argument("--out", default=str(SHIPPED_CHECKPOINT), help="weights-only checkpoint to write")
+    train_parser.add_argument("--resume-file", help="resumable checkpoint (default: data/checkpoints/<out name>)")
+    for name in ("steps", "batch_size", "warmup_steps", "sample_every", "checkpoint_every", "seed", "timesteps"):
+        train_parser.add_argument(f"--{name.replace('_', '-')}", type=int)
+    for name in ("lr", "ema_decay", "grad_clip"):
+        train_parser.add_argument(f"--{name.replace('_', '-')}", type=float)
+    train_parser.add_argument("--loss-type", choices=LOSSES)
+    train_parser.add_argument("--schedule", choices=SCHEDULES)
+    train_parser.add_argument("--device", help="cuda, cpu, ... (default: the fastest available)")
+
+    sample_parser = commands.add_parser("sample", help="draw samples from a checkpoint")
+    sample_parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
+    sample_parser.add_argument("--num", type=int, default=16)
+    sample_parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    sample_parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    sample_parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    sample_parser.add_argument("--variance", choices=VARIANCES, default="beta", help="DDPM sigma_t^2")
+    sample_parser.add_argument("--seed", type=int, default=0)
+    sample_parser.add_argument("--device")
+    sample_parser.add_argument("--out", required=True, help=".pt: uint8 tensor (N, C, H, W); .png: image grid")
+
+    args = parser.parse_args(argv)
+    {"train": _train_command, "sample": _sample_command}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Training (Algorithm 1): the loss, EMA, the loop's safeguards, checkpoints and the command line."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import ddpm_helpers
+from ddpm_helpers import (
+    Schedule, TrainConfig, UNet, load_checkpoint, main, make_dataloader, make_ema, p_losses, read_checkpoint, train,
+)  # fmt: skip
+
+TINY = dict(
+    image_channels=1, image_size=8, base_channels=8, channel_mults=[1, 2], num_res_blocks=1,
+    attention_resolutions=[], linear_attention_resolutions=[], dropout=0.0, block_type="resnet", norm_groups=4,
+)  # fmt: skip
+TINY_TRAINING = TrainConfig(steps=4, batch_size=8, warmup_steps=2, timesteps=50, sample_every=1000, checkpoint_every=2)
+
+
+def tiny_model(seed=0, **changes):
+    torch.manual_seed(seed)
+    return UNet(**{**TINY, **changes})
+
+
+def tiny_loader(n=32):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 1, 8, 8, generator=generator) * 2 - 1
+    return make_dataloader(images, torch.zeros(n, dtype=torch.long), batch_size=8, subset=n)
+
+
+class Zero(torch.nn.Module):
+    def forward(self, x_t, t):
+        return torch.zeros_like(x_t)
+
+
+def test_losses_compare_predicted_and_true_noise():
+    schedule = Schedule.from_name("linear", 100)
+    x0, noise = torch.zeros(4, 1, 3, 3), torch.randn(4, 1, 3, 3)
+    t = torch.tensor([0, 5, 50, 99])
+    assert p_losses(Zero(), schedule, x0, t, noise, "l2").item() == pytest.approx(noise.pow(2).mean().item())
+    assert p_losses(Zero(), schedule, x0, t, noise, "mse").item() == pytest.approx(noise.pow(2).mean().item())
+    assert p_losses(Zero(), schedule, x0, t, noise, "l1").item() == pytest.approx(noise.abs().mean().item())
+    huber = F.smooth_l1_loss(torch.zeros_like(noise), noise).item()
+    assert p_losses(Zero(), schedule, x0, t, noise, "huber").item() == pytest.approx(huber)
+    per_image = p_losses(Zero(), schedule, x0, t, noise, reduction="none")
+    torch.testing.assert_close(per_image, noise.pow(2).flatten(1).mean(1))
+
+
+def test_loss_draws_every_timestep_including_the_first_and_last():
+    seen = []
+
+    class Recorder(Zero):
+        def forward(self, x_t, t):
+            seen.append(t)
+            return super().forward(x_t, t)
+
+    schedule = Schedule.from_name("linear", 30)
+    p_losses(Recorder(), schedule, torch.zeros(3000, 1, 1, 1))
+    assert set(torch.cat(seen).tolist()) == set(range(30))
+
+
+def test_unknown_loss_is_refused_with_the_valid_names():
+    with pytest.raises(ValueError, match="l1, l2, mse, huber"):
+        p_losses(Zero(), Schedule.from_name("linear", 100), torch.zeros(1, 1, 2, 2), loss_type="l3")
+
+
+def test_a_few_steps_on_one_batch_reduce_the_loss():
+    model, schedule = tiny_model(), Schedule.from_name("linear", 50)
+    x0 = torch.rand(16, 1, 8, 8) * 2 - 1
+    t, noise = torch.randint(0, 50, (16,)), torch.randn(16, 1, 8, 8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    first = p_losses(model, schedule, x0, t, noise).item()
+    for _ in range(40):
+        loss = p_losses(model, schedule, x0, t, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert p_losses(model, schedule, x0, t, noise).item() < 0.7 * first
+
+
+def test_ema_moves_toward_the_model_at_the_decay_rate():
+    model = tiny_model()
+    ema = make_ema(model, decay=0.9)
+    ema.update_parameters(model)  # the first update copies the weights
+    before = [p.detach().clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update_parameters(model)
+    for old, new, current in zip(before, ema.module.parameters(), model.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * current)
+
+
+def test_training_writes_a_checkpoint_that_round_trips(tmp_path):
+    path = tmp_path / "run.pt"
+    result = train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    assert result["step"] == 4 and len(result["losses"]) == 4
+    assert not list(tmp_path.glob("*.partial"))  # written atomically
+    model, schedule, checkpoint = load_checkpoint(path)
+    assert schedule.timesteps == 50 and checkpoint["model_config"] == TINY and not model.training
+    ema = tiny_model()
+    ema.load_state_dict(result["ema"])
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 40])
+    torch.testing.assert_close(model(x, t), ema.eval()(x, t), rtol=0, atol=0)
+    assert torch.load(path, weights_only=True)["step"] == 4
+
+
+def test_training_resumes_its_step_count_and_optimizer_state(tmp_path):
+    path = tmp_path / "run.pt"
+    train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    longer = dataclasses.replace(TINY_TRAINING, steps=6)
+    result = train(tiny_model(seed=1), tiny_loader(), longer, checkpoint_path=path, device="cpu", progress=False)
+    assert result["step"] == 6 and len(result["losses"]) == 6
+    adam_steps = {state["step"].item() for state in result["optimizer"]["state"].values()}
+    assert adam_steps == {6.0}
+    assert read_checkpoint(path)["step"] == 6
+
+
+def test_resuming_with_another_recipe_is_refused(tmp_path):
+    path = tmp_path / "run.pt"
+    train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="lr: checkpoint 0.0002, here 0.001"):
+        train(tiny_model(), tiny_loader(), dataclasses.replace(TINY_TRAINING, lr=1e-3), checkpoint_path=path, device="cpu", progress=False)
+
+
+def test_a_non_finite_loss_stops_training():
+    model = tiny_model()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="step 0"):
+        train(model, tiny_loader(), TINY_TRAINING, device="cpu", progress=False)
+
+
+def test_sample_grids_come_from_the_training_loop():
+    grids = []
+    config = dataclasses.replace(TINY_TRAINING, sample_every=2)
+    train(tiny_model(), tiny_loader(), config, on_sample=lambda step, x: grids.append((step, x.shape)), num_samples=4, device="cpu", progress=False)
+    assert grids == [(2, (4, 1, 8, 8)), (4, (4, 1, 8, 8))]
+
+
+def test_loading_into_another_configuration_names_the_difference(tmp_path):
+    path = tmp_path / "run.pt"
+    train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="base_channels: checkpoint 8, here 16"):
+        load_checkpoint(path, model=tiny_model(base_channels=16))
+
+
+def test_files_that_are_not_course_checkpoints_are_refused(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of this course"):
+        read_checkpoint(tmp_path / "other.pt")
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """A tiny trained checkpoint, exported the way data/pretrained/ files are."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=folder / "run.pt", device="cpu", progress=False)
+    return ddpm_helpers.export_checkpoint(folder / "run.pt", folder / "tiny.pt")
+
+
+def test_exported_checkpoints_hold_weights_but_no_optimizer(shipped):
+    checkpoint = read_checkpoint(shipped)
+    assert "optimizer" not in checkpoint and {"ema", "model", "model_config", "schedule", "hardware", "wall_time_s"} <= set(checkpoint)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_cli_writes_uint8_samples(shipped, tmp_path, sampler):
+    out = tmp_path / "samples.pt"
+    main(["sample", "--checkpoint", str(shipped), "--num", "3", "--sampler", sampler, "--steps", "5", "--out", str(out), "--device", "cpu"])
+    samples = torch.load(out, weights_only=True)
+    assert samples.dtype == torch.uint8 and samples.shape == (3, 1, 8, 8)
+
+
+def test_cli_writes_a_png_grid_from_the_command_line(shipped, tmp_path):
+    out = tmp_path / "grid.png"
+    command = [sys.executable, "ddpm_helpers.py", "sample", "--checkpoint", str(shipped), "--num", "4", "--sampler", "ddim", "--steps", "3", "--out", str(out)]
+    subprocess.run(command, cwd=Path(ddpm_helpers.__file__).parent, check=True, capture_output=True)
+    assert Image.open(out).size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+
+
+def test_cli_trains_and_exports(tmp_path, monkeypatch):
+    monkeypatch.setattr(ddpm_helpers, "UNET_CONFIG", {**TINY, "image_size": 28})
+    images = torch.rand(64, 1, 28, 28) * 2 - 1
+    monkeypatch.setattr(ddpm_helpers, "load_fashion_mnist", lambda split: (images, torch.zeros(64, dtype=torch.long)))
+    out = tmp_path / "model.pt"
+    main(["train", "--steps", "3", "--batch-size", "8", "--timesteps", "50", "--out", str(out), "--resume-file", str(tmp_path / "run.pt"), "--device", "cpu"])
+    checkpoint = read_checkpoint(out)
+    assert checkpoint["step"] == 3 and checkpoint["train_config"]["batch_size"] == 8 and "optimizer" not in checkpoint
