@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
+from torch import nn
+from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -354,7 +357,7 @@ def _missing_data_error(source: DatasetSource, split: str, searched: list[Path],
         f"{source.name} ({split}) not found: {reason}. Searched: {', '.join(map(str, searched))}.\n"
         f"Get it one of three ways:\n"
         f"  1. online (Colab): load with download=True, which fetches {source.hub_id!r} through "
-        f"Hugging Face `datasets` into {DATA_DIR / source.name};\n"
+        f"Hugging Face `datasets` and keeps it in data_dir or {DATA_DIR / source.name};\n"
         f"  2. Debian/Ubuntu: {debian};\n"
         f"  3. by hand: put {files} in {DATA_DIR / source.name}, or in a folder named by data_dir= "
         f"or the DDPM_DATA_DIR environment variable."
@@ -535,10 +538,6 @@ def make_gif(frames, nrow: int | None = None, duration_ms: int = 80, hold_last_m
 # Notebook 03: the U-Net noise predictor
 # ---------------------------------------------------------------------------------------------
 
-from einops import rearrange  # noqa: E402  (this section's imports; they may move to the top)
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
 MAX_PERIOD = 10_000  # longest wavelength / 2 pi of the sinusoidal embedding, as in the Transformer
 BLOCK_TYPES = ("resnet", "convnext")
 ATTENTION_HEADS, ATTENTION_HEAD_DIM = 4, 32
@@ -619,9 +618,10 @@ class ConvNextBlock(nn.Module):
         return self.pointwise(h) + self.skip(x)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention between all H*W pixels, as a pre-norm residual: x + out(attn(norm(x))).
-    Time and memory grow with (H*W)^2: the weights form an (H*W, H*W) matrix per head."""
+class PixelAttention(nn.Module):
+    """What both attention layers share: a pre-norm residual x + out(attend(qkv(norm(x)))), where 1x1
+    convs make queries, keys and values for ``heads`` heads of ``head_dim`` features at every pixel.
+    Subclasses say how the pixels attend to each other."""
 
     def __init__(self, channels: int, norm_groups: int = 8, heads: int = ATTENTION_HEADS, head_dim: int = ATTENTION_HEAD_DIM):
         super().__init__()
@@ -631,31 +631,33 @@ class Attention(nn.Module):
         self.to_out = nn.Conv2d(heads * head_dim, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.to_qkv(self.norm(x))
+        return x + self.to_out(self.attend(self.to_qkv(self.norm(x)), height=x.shape[-2]))
+
+    def attend(self, qkv: torch.Tensor, height: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Attention(PixelAttention):
+    """Multi-head self-attention between all H*W pixels. Time and memory grow with (H*W)^2: the
+    weights form an (H*W, H*W) matrix per head."""
+
+    def attend(self, qkv: torch.Tensor, height: int) -> torch.Tensor:
         q, k, v = rearrange(qkv, "b (three h d) y x -> three b h (y x) d", three=3, h=self.heads)
         weights = torch.einsum("bhid,bhjd->bhij", q * q.shape[-1] ** -0.5, k).softmax(dim=-1)
         out = torch.einsum("bhij,bhjd->bhid", weights, v)
-        return x + self.to_out(rearrange(out, "b h (y x) d -> b (h d) y x", y=x.shape[-2]))
+        return rearrange(out, "b h (y x) d -> b (h d) y x", y=height)
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(PixelAttention):
     """Linear ("efficient") attention, Shen et al. 2021: softmax q over features and k over pixels,
     then out = q^T (k v^T). Each head summarises all pixels in a (d, d) matrix, so time and memory grow
-    linearly with H*W. Same parameters and pre-norm residual as :class:`Attention`."""
+    linearly with H*W. Same parameters as :class:`Attention`."""
 
-    def __init__(self, channels: int, norm_groups: int = 8, heads: int = ATTENTION_HEADS, head_dim: int = ATTENTION_HEAD_DIM):
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.GroupNorm(norm_groups, channels)
-        self.to_qkv = nn.Conv2d(channels, 3 * heads * head_dim, 1, bias=False)
-        self.to_out = nn.Conv2d(heads * head_dim, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.to_qkv(self.norm(x))
+    def attend(self, qkv: torch.Tensor, height: int) -> torch.Tensor:
         q, k, v = rearrange(qkv, "b (three h d) y x -> three b h d (y x)", three=3, h=self.heads)
         context = torch.einsum("bhdn,bhen->bhde", k.softmax(dim=-1), v)  # (B, heads, d, d)
         out = torch.einsum("bhde,bhdn->bhen", context, q.softmax(dim=-2))
-        return x + self.to_out(rearrange(out, "b h e (y x) -> b (h e) y x", y=x.shape[-2]))
+        return rearrange(out, "b h e (y x) -> b (h e) y x", y=height)
 
 
 class Downsample(nn.Module):
@@ -689,7 +691,8 @@ def unet_resolutions(image_size: int, levels: int) -> list[int]:
 def check_unet_config(config: dict) -> None:
     """Raise ValueError, saying what to change, unless ``config`` builds a working :class:`UNet`."""
     if config["block_type"] not in BLOCK_TYPES:
-        raise ValueError(f"unknown block_type {config['block_type']!r}; expected one of {', '.join(map(repr, BLOCK_TYPES))}")
+        valid = ", ".join(map(repr, BLOCK_TYPES))
+        raise ValueError(f"unknown block_type {config['block_type']!r}; expected one of {valid}")
     for name in ("image_channels", "image_size", "base_channels", "num_res_blocks", "norm_groups"):
         if not isinstance(config[name], int) or config[name] < 1:
             raise ValueError(f"{name} must be a positive int, got {config[name]!r}")
@@ -697,7 +700,9 @@ def check_unet_config(config: dict) -> None:
     if not mults or not all(isinstance(m, int) and m >= 1 for m in mults):
         raise ValueError(f"channel_mults must be a non-empty list of positive ints, one per level, got {mults!r}")
     if config["base_channels"] % 2:
-        raise ValueError(f"base_channels must be even (it is also the sinusoidal embedding's width), got {config['base_channels']}")
+        raise ValueError(
+            f"base_channels must be even (it is also the sinusoidal embedding's width), got {config['base_channels']}"
+        )
     if not 0 <= config["dropout"] < 1:
         raise ValueError(f"dropout must lie in [0, 1), got {config['dropout']!r}")
     size, factor = config["image_size"], 2 ** (len(mults) - 1)
@@ -804,7 +809,11 @@ class UNet(nn.Module):
             )
             channels = width
         self.middle = nn.ModuleDict(
-            dict(block1=block(channels, channels), attention=Attention(channels, norm_groups), block2=block(channels, channels))
+            dict(
+                block1=block(channels, channels),
+                attention=Attention(channels, norm_groups),
+                block2=block(channels, channels),
+            )
         )
         self.up = nn.ModuleList()
         for level, (width, resolution) in reversed(list(enumerate(zip(widths, resolutions)))):
@@ -1284,6 +1293,8 @@ def _train_command(args) -> None:
 
 
 def _sample_command(args) -> None:
+    if Path(args.out).suffix not in (".pt", ".png"):
+        raise SystemExit(f"--out must end in .pt (a uint8 tensor) or .png (an image grid), got {args.out}")
     model, schedule, _ = load_checkpoint(args.checkpoint, device=args.device or get_device())
     generator = torch.Generator().manual_seed(args.seed)
     shape = (args.num, model.config["image_channels"], model.config["image_size"], model.config["image_size"])
