@@ -1130,28 +1130,51 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=device).to(x.device)
 
 
+def check_variance(variance: str) -> None:
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; expected one of {', '.join(VARIANCES)}")
+
+
+def reverse_variance(schedule: Schedule, t: torch.Tensor, variance: str = "beta", ndim: int = 4) -> torch.Tensor:
+    """sigma_t^2 of p_theta(x_{t-1} | x_t) at a batch of timesteps, shaped like :meth:`Schedule.at`:
+    beta_t or beta-tilde_t. At ``t = 0`` the sampler adds no noise, but the decoder L_0 of the
+    likelihood bound needs a scale: both choices then give beta-tilde at ``t = 1``, as Ho et al.'s code does."""
+    check_variance(variance)
+    values = schedule.betas if variance == "beta" else schedule.posterior_variance
+    values = torch.cat([schedule.posterior_variance[1:2], values[1:]])
+    return values[t].view(-1, *([1] * (ndim - 1)))
+
+
+def p_mean_variance(model, schedule, x_t, t: torch.Tensor, variance="beta", clip_x0=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of p_theta(x_{t-1} | x_t) for a batch with timesteps ``t`` ``(B,)``.
+
+    The mean is eq. 11 computed from the predicted noise or, with ``clip_x0``, the posterior mean
+    (eq. 7) at the predicted x_0 clipped to [-1, 1]; the variance is :func:`reverse_variance`.
+    """
+    eps = model(x_t, t)
+    if clip_x0:
+        mean, _ = q_posterior(schedule, predict_x0(schedule, x_t, t, eps).clamp(-1, 1), x_t, t)
+    else:
+        eps_scale = schedule.at("betas", t, x_t.dim()) / schedule.at("sqrt_one_minus_alphas_cumprod", t, x_t.dim())
+        mean = schedule.at("sqrt_recip_alphas", t, x_t.dim()) * (x_t - eps_scale * eps)
+    return mean, reverse_variance(schedule, t, variance, x_t.dim())
+
+
 @torch.inference_mode()
 def p_sample(model, schedule, x_t, t: int, variance="beta", clip_x0=False, generator=None) -> torch.Tensor:
     """One reverse step x_t -> x_{t-1} (Algorithm 2, lines 3-4; code ``t`` is zero-based).
 
-    The mean is eq. 11 computed from the predicted noise or, with ``clip_x0``, the posterior mean
-    (eq. 7) at the predicted x_0 clipped to [-1, 1]. The variance sigma_t^2 is ``beta`` (beta_t) or
-    ``beta_tilde`` (beta-tilde_t). At ``t = 0`` the mean is returned without noise.
+    Draws from p_theta(x_{t-1} | x_t) of :func:`p_mean_variance`: its mean plus sigma_t z, where
+    sigma_t^2 is ``beta`` (beta_t) or ``beta_tilde`` (beta-tilde_t). At ``t = 0`` the mean is
+    returned without noise.
     """
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; expected one of {', '.join(VARIANCES)}")
+    check_variance(variance)
     if not 0 <= t < schedule.timesteps:
         raise ValueError(f"t must lie in 0..{schedule.timesteps - 1} (zero-based), got {t}")
     t_batch = torch.full((len(x_t),), t, device=x_t.device, dtype=torch.long)
-    eps = model(x_t, t_batch)
-    if clip_x0:
-        mean, _ = q_posterior(schedule, predict_x0(schedule, x_t, t_batch, eps).clamp(-1, 1), x_t, t_batch)
-    else:
-        eps_scale = schedule.betas[t] / schedule.sqrt_one_minus_alphas_cumprod[t]
-        mean = schedule.sqrt_recip_alphas[t] * (x_t - eps_scale * eps)
+    mean, sigma_squared = p_mean_variance(model, schedule, x_t, t_batch, variance, clip_x0)
     if t == 0:
         return mean
-    sigma_squared = schedule.betas[t] if variance == "beta" else schedule.posterior_variance[t]
     return mean + sigma_squared.sqrt() * _noise_like(x_t, generator)
 
 
@@ -1258,7 +1281,249 @@ def ddim_sample(
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: python ddpm_helpers.py train | sample
+# Notebook 07: measuring sample quality
+# ---------------------------------------------------------------------------------------------
+
+CLASSIFIER_CHECKPOINT = DATA_DIR / "pretrained" / "fashion_mnist_classifier.pt"
+CLASSIFIER_FORMAT = "ddpm-from-scratch/classifier/1"
+CLASSIFIER_CONFIG = dict(channels=[32, 64, 128], feature_dim=128, dropout=0.3)
+
+
+class FashionClassifier(nn.Module):
+    """A small CNN for 28x28 Fashion-MNIST, whose penultimate features stand in for Inception's in FID.
+
+    Each of ``channels`` is a stage conv 3x3 -> BatchNorm -> ReLU -> max-pool 2x2 (28 -> 14 -> 7 -> 3
+    pixels), then :meth:`features` flattens and maps to ``feature_dim`` ReLU features, and a linear
+    layer gives the 10 class logits. Input: ``(B, 1, 28, 28)`` in [-1, 1]. ``model.config`` holds the
+    constructor arguments, as for :class:`UNet`.
+    """
+
+    def __init__(self, channels=(32, 64, 128), feature_dim: int = 128, dropout: float = 0.3):
+        super().__init__()
+        self.config = dict(channels=list(channels), feature_dim=feature_dim, dropout=float(dropout))
+        stages, width, size = [], 1, 28
+        for out in channels:
+            stages += [nn.Conv2d(width, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
+            width, size = out, size // 2
+        self.body = nn.Sequential(*stages)
+        self.embed = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(width * size * size, feature_dim), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, len(FASHION_MNIST_CLASSES)))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``(B, feature_dim)`` penultimate-layer features."""
+        check_images(x)
+        if x.shape[1:] != (1, 28, 28):
+            raise ValueError(f"the classifier takes Fashion-MNIST images of shape (1, 28, 28), got {tuple(x.shape[1:])}")
+        return self.embed(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@torch.inference_mode()
+def classifier_outputs(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500, features: bool = False) -> torch.Tensor:
+    """The classifier's logits (or, with ``features``, its penultimate features) for ``images``, in
+    eval mode and in batches on the classifier's device; returned on the CPU in float64."""
+    was_training = classifier.training
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    run = classifier.features if features else classifier
+    outputs = [run(batch.to(device)).double().cpu() for batch in images.split(batch_size)]
+    classifier.train(was_training)
+    return torch.cat(outputs)
+
+
+def classifier_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """The fraction of ``images`` whose most likely class is their label."""
+    predicted = classifier_outputs(classifier, images, batch_size).argmax(1)
+    return (predicted == labels.cpu()).double().mean().item()
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierTrainConfig:
+    """How the shipped classifier is trained: Adam with a one-cycle learning rate, no augmentation."""
+
+    epochs: int = 5
+    batch_size: int = 128
+    max_lr: float = 3e-3
+    seed: int = 0
+
+
+def train_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    config: ClassifierTrainConfig = ClassifierTrainConfig(),
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train a :class:`FashionClassifier` (``CLASSIFIER_CONFIG``) with cross-entropy and return the
+    dictionary :func:`save_classifier` writes: config, weights, test accuracy, steps, hardware, time.
+    In quick mode :func:`make_dataloader` keeps only ``QUICK_SUBSET`` training images."""
+    device = torch.device(device or get_device())
+    seed_everything(config.seed)
+    model = FashionClassifier(**CLASSIFIER_CONFIG).to(device)
+    loader = make_dataloader(images, labels, config.batch_size, seed=config.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.max_lr)
+    steps = config.epochs * len(loader)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.max_lr, total_steps=steps)
+    started = time.perf_counter()
+    for epoch in range(config.epochs):
+        model.train()
+        for x, y in tqdm(loader, disable=not progress, desc=f"epoch {epoch + 1}/{config.epochs}"):
+            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            one_cycle.step()
+    return {
+        "format": CLASSIFIER_FORMAT,
+        "config": dict(model.config),
+        "train_config": dataclasses.asdict(config),
+        "train_images": len(loader.dataset),
+        "steps": steps,
+        "test_accuracy": classifier_accuracy(model, test_images, test_labels),
+        "wall_time_s": time.perf_counter() - started,
+        "hardware": describe_hardware(device),
+        "state_dict": {key: value.cpu() for key, value in model.state_dict().items()},
+    }
+
+
+def save_classifier(path: str | Path, checkpoint: dict) -> Path:
+    """Write a classifier dictionary from :func:`train_classifier` atomically."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    _write_atomically(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def load_classifier(path: str | Path = CLASSIFIER_CHECKPOINT, device="cpu") -> tuple[FashionClassifier, dict]:
+    """The trained classifier, in eval mode, and its dictionary. The file must hold a classifier of
+    this course with ``CLASSIFIER_CONFIG``: FIDs are comparable only in the same features."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CLASSIFIER_FORMAT:
+        raise ValueError(f"{path} is not a classifier of this course (expected format {CLASSIFIER_FORMAT!r})")
+    _check_same_config(path, "classifier", checkpoint["config"], CLASSIFIER_CONFIG)
+    model = FashionClassifier(**CLASSIFIER_CONFIG)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval(), checkpoint
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(d,)`` and covariance ``(d, d)`` (unbiased, 1/(n-1)) of ``(n, d)`` features, in float64."""
+    if features.dim() != 2 or len(features) < 2:
+        raise ValueError(f"features must have shape (n, d) with n >= 2, got {tuple(features.shape)}")
+    features = features.double()
+    mu = features.mean(0)
+    centred = features - mu
+    return mu, centred.T @ centred / (len(features) - 1)
+
+
+def sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a symmetric positive semi-definite matrix: with eigenvectors V
+    and eigenvalues l, V diag(sqrt(l)) V^T. Round-off can make tiny eigenvalues negative: they become 0."""
+    eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return eigenvectors @ torch.diag(eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+
+
+def trace_sqrt_product(cov1: torch.Tensor, cov2: torch.Tensor) -> torch.Tensor:
+    """Tr((cov1 cov2)^(1/2)), computed as Tr((S cov2 S)^(1/2)) with S = cov1^(1/2): the two matrices
+    are similar, and S cov2 S is symmetric PSD, so its eigenvalues are real and non-negative."""
+    root = sqrtm_psd(cov1)
+    middle = root @ cov2 @ root
+    return torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """The Frechet distance between N(mu1, cov1) and N(mu2, cov2) (Dowson & Landau, 1982):
+    ||mu1 - mu2||^2 + Tr(cov1) + Tr(cov2) - 2 Tr((cov1 cov2)^(1/2)). FID is this between features."""
+    mu1, cov1, mu2, cov2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, cov1, mu2, cov2))
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (len(mu1), len(mu1)):
+        shapes = ", ".join(str(tuple(v.shape)) for v in (mu1, cov1, mu2, cov2))
+        raise ValueError(f"expected means (d,) and covariances (d, d) of one d, got shapes {shapes}")
+    distance = (mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt_product(cov1, cov2)
+    return distance.clamp(min=0).item()
+
+
+def classifier_fid(classifier: nn.Module, images_a: torch.Tensor, images_b: torch.Tensor, batch_size: int = 500) -> float:
+    """FID in the classifier's penultimate features between two batches of images in [-1, 1].
+    It depends on the number of images: compare FIDs only at equal n, next to the real-data floor."""
+    statistics = [feature_statistics(classifier_outputs(classifier, x, batch_size, features=True)) for x in (images_a, images_b)]
+    return frechet_distance(*statistics[0], *statistics[1])
+
+
+# Bits/dim of the variational bound (Ho et al. section 3.3, Table 2). The bound on -log p(x_0) is
+# L_T + sum_{t>0} L_t + L_0 in paper indices; in code, term t (zero-based) is the paper's L_t for the
+# step x_{t+1} -> x_t, and code t = 0 is the decoder L_0. Every term is in bits per dimension: nats
+# averaged over the pixels of an image, divided by ln 2.
+
+PIXEL_BIN = 1 / 255  # half the width of one of the 256 bins of 8-bit data in [-1, 1]
+
+
+def nats_to_bits_per_dim(nats: torch.Tensor) -> torch.Tensor:
+    """Elementwise nats ``(B, ...)`` -> bits per dimension ``(B,)``, one value per image."""
+    return nats.flatten(1).mean(1) / math.log(2)
+
+
+def prior_bpd(schedule: Schedule, x0: torch.Tensor) -> torch.Tensor:
+    """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim ``(B,)``; it has no parameters to learn."""
+    t = torch.full((len(x0),), schedule.timesteps - 1, device=x0.device, dtype=torch.long)
+    mean = schedule.at("sqrt_alphas_cumprod", t) * x0
+    log_variance = torch.log1p(-schedule.at("alphas_cumprod", t).double())  # exact even where alpha-bar_T is tiny
+    return nats_to_bits_per_dim(normal_kl(mean, log_variance, 0.0, 0.0))
+
+
+def discretized_gaussian_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log p(x_0) elementwise (nats, float64) under the discretised Gaussian decoder (paper eq. 13):
+    the mass of N(mean, exp(log_scale)^2) in the bin of width 2/255 around each pixel value of ``x0``,
+    with the outermost bins (-1 and 1) extended to -inf and +inf, as in Ho et al.'s code. ``x0`` is
+    snapped to the nearest pixel value in float64 (float32 holds them only to about 1e-7), so that
+    neighbouring bins share their edges exactly and the 256 probabilities sum to 1."""
+    x0, mean, log_scale = (torch.as_tensor(v, dtype=torch.float64) for v in (x0, mean, log_scale))
+    x0 = ((x0.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    upper = (x0 - mean + PIXEL_BIN) * torch.exp(-log_scale)  # standardised bin edges
+    lower = (x0 - mean - PIXEL_BIN) * torch.exp(-log_scale)
+    log_below_upper = torch.special.log_ndtr(upper)  # the bin of -1: P(z < upper)
+    log_above_lower = torch.special.log_ndtr(-lower)  # the bin of 1: P(z > lower)
+    log_in_bin = (torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12).log()
+    return torch.where(x0 < -1 + PIXEL_BIN, log_below_upper, torch.where(x0 > 1 - PIXEL_BIN, log_above_lower, log_in_bin))
+
+
+@torch.inference_mode()
+def vb_term_bpd(model, schedule, x0, t: torch.Tensor, variance="beta", clip_x0=False, noise=None) -> torch.Tensor:
+    """One term of the bound per image, in bits/dim ``(B,)``, at x_t ~ q(x_t | x_0) drawn with ``noise``:
+    KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) where ``t > 0``, and the decoder's
+    -log p_theta(x_0 | x_1) where ``t = 0``. p_theta is the sampler's (:func:`p_mean_variance`)."""
+    x_t = q_sample(schedule, x0, t, noise)
+    true_mean, _ = q_posterior(schedule, x0, x_t, t)
+    model_mean, model_variance = p_mean_variance(model, schedule, x_t, t, variance, clip_x0)
+    true_log_variance = schedule.at("posterior_log_variance_clipped", t, x0.dim())
+    kl = nats_to_bits_per_dim(normal_kl(true_mean, true_log_variance, model_mean, model_variance.log()))
+    decoder = nats_to_bits_per_dim(-discretized_gaussian_log_likelihood(x0, model_mean, model_variance.log() / 2))
+    return torch.where(t == 0, decoder, kl)
+
+
+@torch.inference_mode()
+def variational_bound_bpd(model, schedule, x0, variance="beta", clip_x0=False, generator=None, progress=True) -> dict:
+    """The whole bound on -log p(x_0) in bits/dim for a batch of images in [-1, 1] (Ho et al. Table 2):
+    ``prior`` L_T ``(B,)``, ``terms`` ``(B, T)`` with column t the code-t term of :func:`vb_term_bpd`
+    (column 0 the decoder L_0), and ``total`` ``(B,)``, their sum. Costs T model calls per batch."""
+    check_images(x0, "x0", check_range=True)
+    was_training = model.training
+    model.eval()
+    terms = []
+    for step in tqdm(range(schedule.timesteps), disable=not progress, desc="bits/dim"):
+        t = torch.full((len(x0),), step, device=x0.device, dtype=torch.long)
+        terms.append(vb_term_bpd(model, schedule, x0, t, variance, clip_x0, _noise_like(x0, generator)))
+    model.train(was_training)
+    terms = torch.stack(terms, dim=1)
+    prior = prior_bpd(schedule, x0)
+    return {"prior": prior, "terms": terms, "total": prior + terms.sum(1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python ddpm_helpers.py train | sample | train-classifier | evaluate
 # ---------------------------------------------------------------------------------------------
 
 SHIPPED_CHECKPOINT = DATA_DIR / "pretrained" / "fashion_mnist_ddpm.pt"
@@ -1292,16 +1557,18 @@ def _train_command(args) -> None:
     print(f"trained {checkpoint['step']} steps in {checkpoint['wall_time_s'] / 60:.1f} min on {checkpoint['hardware']}; wrote {args.out}")
 
 
+def _draw_samples(args, model, schedule, num: int, generator: torch.Generator) -> torch.Tensor:
+    shape = (num, model.config["image_channels"], model.config["image_size"], model.config["image_size"])
+    if args.sampler == "ddpm":
+        return p_sample_loop(model, schedule, shape, variance=args.variance, generator=generator)
+    return ddim_sample(model, schedule, shape, steps=args.steps, eta=args.eta, generator=generator)
+
+
 def _sample_command(args) -> None:
     if Path(args.out).suffix not in (".pt", ".png"):
         raise SystemExit(f"--out must end in .pt (a uint8 tensor) or .png (an image grid), got {args.out}")
     model, schedule, _ = load_checkpoint(args.checkpoint, device=args.device or get_device())
-    generator = torch.Generator().manual_seed(args.seed)
-    shape = (args.num, model.config["image_channels"], model.config["image_size"], model.config["image_size"])
-    if args.sampler == "ddpm":
-        x0 = p_sample_loop(model, schedule, shape, variance=args.variance, generator=generator)
-    else:
-        x0 = ddim_sample(model, schedule, shape, steps=args.steps, eta=args.eta, generator=generator)
+    x0 = _draw_samples(args, model, schedule, args.num, torch.Generator().manual_seed(args.seed))
     out = Path(args.out)
     if out.suffix == ".pt":
         buffer = io.BytesIO()
@@ -1314,6 +1581,46 @@ def _sample_command(args) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(out)
     print(f"wrote {args.num} samples to {out}")
+
+
+def _train_classifier_command(args) -> None:
+    config = dataclasses.replace(ClassifierTrainConfig(), **({"epochs": args.epochs} if args.epochs else {}))
+    checkpoint = train_classifier(*load_fashion_mnist("train"), *load_fashion_mnist("test"), config, device=args.device)
+    save_classifier(args.out, checkpoint)
+    print(
+        f"test accuracy {checkpoint['test_accuracy']:.2%} after {checkpoint['steps']} steps ({config.epochs} epochs of "
+        f"{checkpoint['train_images']} images) in {checkpoint['wall_time_s'] / 60:.1f} min on {checkpoint['hardware']}; wrote {args.out}"
+    )
+
+
+def _evaluate_command(args) -> None:
+    """FID of ``--num`` samples against as many random test images, next to the real-data floor (those
+    test images against as many random training images) and a noise ceiling (clamped N(0, I) images)."""
+    classifier, classifier_checkpoint = load_classifier(args.classifier)
+    model, schedule, _ = load_checkpoint(args.checkpoint, device=args.device or get_device())
+    if (model.config["image_channels"], model.config["image_size"]) != (1, 28):
+        shape = f"{model.config['image_channels']}x{model.config['image_size']}x{model.config['image_size']}"
+        raise SystemExit(f"{args.checkpoint} makes {shape} images; the classifier needs 1x28x28 (Fashion-MNIST)")
+    test_images, train_images = load_fashion_mnist("test")[0], load_fashion_mnist("train")[0]
+    if not 2 <= args.num <= len(test_images):
+        raise SystemExit(f"--num must lie in 2..{len(test_images)} (the test set's size), got {args.num}")
+    subsets = torch.Generator().manual_seed(args.seed)
+    real = test_images[torch.randperm(len(test_images), generator=subsets)[: args.num]]
+    floor = train_images[torch.randperm(len(train_images), generator=subsets)[: args.num]]
+    noise = _noise_like(real, subsets).clamp(-1, 1)
+    generator, started = torch.Generator().manual_seed(args.seed), time.perf_counter()
+    sizes = [len(chunk) for chunk in torch.arange(args.num).split(args.batch_size)]
+    batches = [_draw_samples(args, model, schedule, size, generator).cpu() for size in sizes]
+    seconds = time.perf_counter() - started
+    samples = uint8_to_model(model_to_uint8(torch.cat(batches)))  # scored as saved: clamped and rounded to 8 bits
+    sampler = f"DDIM, {args.steps} steps, eta {args.eta}" if args.sampler == "ddim" else f"DDPM, variance {args.variance}"
+    print(f"{args.num} samples from {args.checkpoint} ({sampler}) on {describe_hardware(next(model.parameters()).device)}")
+    accuracy = classifier_checkpoint["test_accuracy"]
+    print(f"FID in the features of {args.classifier} (test accuracy {accuracy:.2%}), n = {args.num}, against {args.num} random test images:")
+    print(f"FID samples: {classifier_fid(classifier, samples, real):.3f}")
+    print(f"FID real-data floor: {classifier_fid(classifier, floor, real):.3f}")
+    print(f"FID noise ceiling: {classifier_fid(classifier, noise, real):.3f}")
+    print(f"time per image: {1000 * seconds / args.num:.1f} ms")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1334,18 +1641,29 @@ def main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("--device", help="cuda, cpu, ... (default: the fastest available)")
 
     sample_parser = commands.add_parser("sample", help="draw samples from a checkpoint")
-    sample_parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
-    sample_parser.add_argument("--num", type=int, default=16)
-    sample_parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    sample_parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    sample_parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    sample_parser.add_argument("--variance", choices=VARIANCES, default="beta", help="DDPM sigma_t^2")
-    sample_parser.add_argument("--seed", type=int, default=0)
-    sample_parser.add_argument("--device")
+    evaluate_parser = commands.add_parser("evaluate", help="FID of a checkpoint's samples, the real-data floor, time per image")
+    for sampling_parser, num in ((sample_parser, 16), (evaluate_parser, 1000)):
+        sampling_parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
+        sampling_parser.add_argument("--num", type=int, default=num)
+        sampling_parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+        sampling_parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+        sampling_parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+        sampling_parser.add_argument("--variance", choices=VARIANCES, default="beta", help="DDPM sigma_t^2")
+        sampling_parser.add_argument("--seed", type=int, default=0)
+        sampling_parser.add_argument("--device")
     sample_parser.add_argument("--out", required=True, help=".pt: uint8 tensor (N, C, H, W); .png: image grid")
+    evaluate_parser.add_argument("--classifier", default=str(CLASSIFIER_CHECKPOINT), help="classifier whose features FID uses")
+    evaluate_parser.add_argument("--batch-size", type=int, default=250, help="images sampled at once")
+
+    classifier_parser = commands.add_parser("train-classifier", help="train the Fashion-MNIST classifier that FID uses")
+    classifier_parser.add_argument("--epochs", type=int, help=f"default {ClassifierTrainConfig.epochs}")
+    classifier_parser.add_argument("--out", default=str(CLASSIFIER_CHECKPOINT))
+    classifier_parser.add_argument("--device", help="cuda, cpu, ... (default: the fastest available)")
 
     args = parser.parse_args(argv)
-    {"train": _train_command, "sample": _sample_command}[args.command](args)
+    handlers = dict(train=_train_command, sample=_sample_command, evaluate=_evaluate_command)
+    handlers["train-classifier"] = _train_classifier_command
+    handlers[args.command](args)
 
 
 if __name__ == "__main__":
