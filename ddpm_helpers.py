@@ -1178,16 +1178,30 @@ def p_sample(model, schedule, x_t, t: int, variance="beta", clip_x0=False, gener
     return mean + sigma_squared.sqrt() * _noise_like(x_t, generator)
 
 
-def _starting_noise(model, shape, generator, x_T, device) -> torch.Tensor:
+@torch.inference_mode()
+def reverse_chain(model, shape, step, timesteps, x_T=None, generator=None, return_all=False, device=None, progress=True):
+    """What every sampler shares: start from x_T ~ N(0, I) (or the given ``x_T``), apply
+    ``x = step(x, t)`` for each ``t`` in ``timesteps`` with the model in eval mode, and return the last
+    state or, with ``return_all``, all states stacked on the CPU, starting with x_T. The model is
+    given back in the mode it was in."""
     device = torch.device(device or next(model.parameters()).device)
     if x_T is None:
-        return _noise_like(torch.empty(shape, device=device), generator)
-    if tuple(x_T.shape) != tuple(shape):
+        x_T = _noise_like(torch.empty(shape, device=device), generator)
+    elif tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T must have shape {tuple(shape)}, got {tuple(x_T.shape)}")
-    return x_T.to(device)
+    x, states = x_T.to(device), [x_T.cpu()]
+    was_training = model.training
+    model.eval()
+    try:
+        for t in tqdm(timesteps, disable=not progress, desc="sampling"):
+            x = step(x, t)
+            if return_all:
+                states.append(x.cpu())
+    finally:
+        model.train(was_training)
+    return torch.stack(states) if return_all else x
 
 
-@torch.inference_mode()
 def p_sample_loop(
     model,
     schedule,
@@ -1203,18 +1217,14 @@ def p_sample_loop(
     """Algorithm 2: x_T ~ N(0, I) (or the given ``x_T``), then T reverse steps down to x_0.
 
     Returns x_0 of ``shape``, or with ``return_all`` all T + 1 states ``(T + 1, *shape)`` on the CPU,
-    starting with the pure noise x_T. The model samples in eval mode and is given back in the mode
-    it was in."""
-    was_training = model.training
-    model.eval()
-    x = _starting_noise(model, shape, generator, x_T, device)
-    states = [x.cpu()] if return_all else None
-    for t in tqdm(reversed(range(schedule.timesteps)), total=schedule.timesteps, disable=not progress, desc="sampling"):
-        x = p_sample(model, schedule, x, t, variance, clip_x0, generator)
-        if return_all:
-            states.append(x.cpu())
-    model.train(was_training)
-    return torch.stack(states) if return_all else x
+    starting with the pure noise x_T. Sampling runs in eval mode, without building a graph."""
+    check_variance(variance)
+
+    def step(x, t):
+        return p_sample(model, schedule, x, t, variance, clip_x0, generator)
+
+    timesteps = range(schedule.timesteps - 1, -1, -1)
+    return reverse_chain(model, shape, step, timesteps, x_T, generator, return_all, device, progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1250,7 +1260,6 @@ def ddim_step(model, schedule, x_t, t: int, t_prev: int, eta=0.0, clip_x0=False,
     return x_prev + sigma * _noise_like(x_t, generator) if eta > 0 else x_prev
 
 
-@torch.inference_mode()
 def ddim_sample(
     model,
     schedule,
@@ -1267,17 +1276,13 @@ def ddim_sample(
     """DDIM sampling with ``steps`` network calls. ``eta=0`` is deterministic given x_T; ``eta=1``
     with all T steps is DDPM with sigma_t^2 = beta-tilde_t. Returns like :func:`p_sample_loop`
     (``return_all`` gives ``steps + 1`` states)."""
-    was_training = model.training
-    model.eval()
-    x = _starting_noise(model, shape, generator, x_T, device)
-    states = [x.cpu()] if return_all else None
     visited = ddim_timesteps(schedule.timesteps, steps)
-    for t, t_prev in tqdm(zip(visited, visited[1:] + [-1]), total=steps, disable=not progress, desc="DDIM"):
-        x = ddim_step(model, schedule, x, t, t_prev, eta, clip_x0, generator)
-        if return_all:
-            states.append(x.cpu())
-    model.train(was_training)
-    return torch.stack(states) if return_all else x
+
+    def step(x, pair):
+        return ddim_step(model, schedule, x, *pair, eta, clip_x0, generator)
+
+    pairs = list(zip(visited, visited[1:] + [-1]))  # (t, t_prev); -1 stands for x_0
+    return reverse_chain(model, shape, step, pairs, x_T, generator, return_all, device, progress)
 
 
 # ---------------------------------------------------------------------------------------------
