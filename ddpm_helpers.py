@@ -545,7 +545,7 @@ CONVNEXT_EXPANSION = 4  # width of the ConvNeXt inverted bottleneck, in multiple
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = MAX_PERIOD) -> torch.Tensor:
-    """Embed timesteps ``t`` ``(B,)`` as ``(B, dim)`` sines and cosines (notebook 03, eq. 1).
+    """Embed timesteps ``t`` ``(B,)`` as ``(B, dim)`` sines and cosines (notebook 03, eq. 2).
 
     Entry ``i < dim/2`` is sin(t w_i) and entry ``dim/2 + i`` is cos(t w_i), with frequencies
     w_i = max_period ** (-i / (dim/2)) falling geometrically from 1 to nearly 1 / max_period.
