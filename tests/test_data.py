@@ -129,3 +129,36 @@ def test_dataloader_refuses_images_outside_minus_one_one():
         make_dataloader(torch.rand(8, 1, 4, 4) * 255, torch.zeros(8))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         make_dataloader(torch.zeros(8, 4, 4), torch.zeros(8))
+
+
+def test_a_hugging_face_download_is_cached_as_idx_files(tmp_path, tiny, no_installed_data, monkeypatch):
+    """The Colab path: `datasets` hands back PIL images and labels; they are stored as IDX files in
+    data/<name>/ and loaded from there, now and next time, without another download."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    images, labels = tiny
+    table = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(image) for image in images], "label": labels.tolist()},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
+    )
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, split: calls.append((hub_id, split)) or table)
+    x, y = load_fashion_mnist("test", download=True)
+    assert calls == [("zalando-datasets/fashion_mnist", "test")]
+    torch.testing.assert_close(x[:, 0], torch.from_numpy(images).float() / 127.5 - 1)
+    assert y.tolist() == labels.tolist()
+    assert (ddpm_helpers.DATA_DIR / "fashion-mnist" / "t10k-images-idx3-ubyte.gz").is_file()
+    x_again, _ = load_fashion_mnist("test", download=True)  # found in data/ now: no second download
+    assert len(calls) == 1 and torch.equal(x, x_again)
+
+
+def test_a_failed_download_explains_the_other_ways(no_installed_data, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(hub_id, split):
+        raise ConnectionError("no internet")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match=r"download failed \(no internet\)[\s\S]*apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist("train")
