@@ -1106,6 +1106,8 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None, weights: s
     _check_same_config(path, "model", checkpoint["model_config"], dict(model.config))
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if weights not in checkpoint:
+        raise ValueError(f"{path} holds no {weights!r} weights (shipped files keep the EMA weights only when space is short)")
     model.load_state_dict(checkpoint[weights])
     schedule = Schedule.from_name(checkpoint["schedule"]["name"], checkpoint["schedule"]["timesteps"])
     return model.to(device).eval(), schedule.to(device), checkpoint
@@ -1535,20 +1537,31 @@ SHIPPED_CHECKPOINT = DATA_DIR / "pretrained" / "fashion_mnist_ddpm.pt"
 MAX_SHIPPED_MB = 20
 
 
+def _half_precision(state_dict: dict) -> dict:
+    return {key: value.half() if value.is_floating_point() else value for key, value in state_dict.items()}
+
+
+def _megabytes(state_dict: dict) -> float:
+    return sum(value.numel() * value.element_size() for value in state_dict.values()) / 2**20
+
+
 def export_checkpoint(resumable: str | Path, out: str | Path) -> Path:
-    """Copy a training checkpoint without its optimizer state (and without the raw weights if the
-    file would exceed ``MAX_SHIPPED_MB``): what the course ships in ``data/pretrained/``."""
+    """What the course ships in ``data/pretrained/``: a training checkpoint without its optimizer
+    state, weights stored in float16 (``load_state_dict`` casts them back to float32; sampling
+    cannot tell the difference), and the raw weights beside the EMA ones only if the file stays
+    within ``MAX_SHIPPED_MB``."""
     checkpoint = read_checkpoint(resumable)
     for key in ("optimizer", "warmup", "scaler"):
         checkpoint.pop(key, None)
-    weights_mb = sum(v.numel() * v.element_size() for v in checkpoint["ema"].values()) / 2**20
-    if 2 * weights_mb > MAX_SHIPPED_MB:
+    checkpoint["ema"], checkpoint["model"] = _half_precision(checkpoint["ema"]), _half_precision(checkpoint["model"])
+    if _megabytes(checkpoint["ema"]) + _megabytes(checkpoint["model"]) > MAX_SHIPPED_MB:
         checkpoint.pop("model")
-    out = Path(out)
+    if _megabytes(checkpoint["ema"]) > MAX_SHIPPED_MB:
+        raise ValueError(f"the EMA weights alone take {_megabytes(checkpoint['ema']):.1f} MB, over the {MAX_SHIPPED_MB} MB limit")
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
-    _write_atomically(out, buffer.getvalue())
-    return out
+    _write_atomically(Path(out), buffer.getvalue())
+    return Path(out)
 
 
 def _train_command(args) -> None:

@@ -192,3 +192,21 @@ def test_cli_trains_and_exports(tmp_path, monkeypatch):
     main(["train", "--steps", "3", "--batch-size", "8", "--timesteps", "50", "--out", str(out), "--resume-file", str(tmp_path / "run.pt"), "--device", "cpu"])
     checkpoint = read_checkpoint(out)
     assert checkpoint["step"] == 3 and checkpoint["train_config"]["batch_size"] == 8 and "optimizer" not in checkpoint
+
+
+def test_the_default_model_ships_within_20_mb_in_half_precision(tmp_path):
+    torch.manual_seed(0)
+    model = UNet(**ddpm_helpers.DEFAULT_UNET_CONFIG)
+    state = {"step": 1, "losses": [1.0], "wall_time_s": 1.0}
+    ddpm_helpers.save_checkpoint(tmp_path / "run.pt", model, make_ema(model, 0.999), TrainConfig(), state)
+    shipped = ddpm_helpers.export_checkpoint(tmp_path / "run.pt", tmp_path / "shipped.pt")
+    assert shipped.stat().st_size <= ddpm_helpers.MAX_SHIPPED_MB * 2**20
+    checkpoint = read_checkpoint(shipped)
+    assert "model" not in checkpoint and all(v.dtype == torch.float16 for v in checkpoint["ema"].values())
+    loaded, _, _ = load_checkpoint(shipped)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([10, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t), model.eval()(x, t), rtol=0, atol=2e-3)
+    with pytest.raises(ValueError, match="holds no 'model' weights"):
+        load_checkpoint(shipped, weights="model")
