@@ -320,6 +320,14 @@ def _write_atomically(path: Path, payload: bytes) -> None:
     partial.replace(path)
 
 
+def torch_save_atomically(obj, path: str | Path) -> Path:
+    """``torch.save`` that never leaves a truncated file: write ``PATH.partial``, then rename it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _write_atomically(Path(path), buffer.getvalue())
+    return Path(path)
+
+
 def _find_idx(folder: Path, stem: str) -> Path | None:
     for candidate in (folder / f"{stem}.gz", folder / stem):
         if candidate.is_file():
@@ -1055,12 +1063,7 @@ def _checkpoint_dict(model, ema, config, state, optimizer=None, warmup=None, sca
 def save_checkpoint(path, model, ema, config, state, optimizer=None, warmup=None, scaler=None) -> Path:
     """Write a checkpoint atomically: to ``PATH.partial`` first, then renamed over ``PATH``, so a
     crash mid-write never leaves a truncated file. Without ``optimizer`` it holds weights only."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(_checkpoint_dict(model, ema, config, state, optimizer, warmup, scaler), partial)
-    partial.replace(path)
-    return path
+    return torch_save_atomically(_checkpoint_dict(model, ema, config, state, optimizer, warmup, scaler), path)
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -1399,10 +1402,7 @@ def train_classifier(
 
 def save_classifier(path: str | Path, checkpoint: dict) -> Path:
     """Write a classifier dictionary from :func:`train_classifier` atomically."""
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    _write_atomically(Path(path), buffer.getvalue())
-    return Path(path)
+    return torch_save_atomically(checkpoint, path)
 
 
 def load_classifier(path: str | Path = CLASSIFIER_CHECKPOINT, device="cpu") -> tuple[FashionClassifier, dict]:
@@ -1558,10 +1558,7 @@ def export_checkpoint(resumable: str | Path, out: str | Path) -> Path:
         checkpoint.pop("model")
     if _megabytes(checkpoint["ema"]) > MAX_SHIPPED_MB:
         raise ValueError(f"the EMA weights alone take {_megabytes(checkpoint['ema']):.1f} MB, over the {MAX_SHIPPED_MB} MB limit")
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    _write_atomically(Path(out), buffer.getvalue())
-    return Path(out)
+    return torch_save_atomically(checkpoint, out)
 
 
 def _train_command(args) -> None:
@@ -1589,9 +1586,7 @@ def _sample_command(args) -> None:
     x0 = _draw_samples(args, model, schedule, args.num, torch.Generator().manual_seed(args.seed))
     out = Path(args.out)
     if out.suffix == ".pt":
-        buffer = io.BytesIO()
-        torch.save(model_to_uint8(x0), buffer)
-        _write_atomically(out, buffer.getvalue())
+        torch_save_atomically(model_to_uint8(x0), out)
     else:
         from PIL import Image
 
