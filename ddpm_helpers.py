@@ -18,6 +18,7 @@ Conventions (Ho et al., 2020, "Denoising Diffusion Probabilistic Models"):
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -59,6 +60,18 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Run the ``with`` block with ``model`` in eval mode (dropout off, batch norm frozen), then give
+    it back in the mode it was in, even if the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def get_device() -> torch.device:
@@ -486,6 +499,14 @@ def image_grid(x: torch.Tensor, nrow: int | None = None, padding: int = 2) -> to
     return grid[:1].permute(1, 2, 0) if x.shape[1] == 1 else grid.permute(1, 2, 0)
 
 
+def grid_picture(x: torch.Tensor, nrow: int | None = None):
+    """The grid of :func:`image_grid` as a PIL image (grey or RGB), for GIF frames and PNG files."""
+    from PIL import Image
+
+    grid = image_grid(x, nrow).numpy()
+    return Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
+
+
 def show_images(x: torch.Tensor, nrow: int | None = None, title: str | None = None, ax=None, scale: float = 0.6):
     """Plot a batch of images in [-1, 1] as one grid with matplotlib; returns the axes."""
     import matplotlib.pyplot as plt
@@ -531,8 +552,7 @@ def make_gif(frames, nrow: int | None = None, duration_ms: int = 80, hold_last_m
 
     pictures = []
     for frame in frames:
-        grid = image_grid(frame, nrow).numpy()
-        picture = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
+        picture = grid_picture(frame, nrow)
         pictures.append(picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST))
     if not pictures:
         raise ValueError("make_gif needs at least one frame")
@@ -1195,15 +1215,11 @@ def reverse_chain(model, shape, step, timesteps, x_T=None, generator=None, retur
     elif tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T must have shape {tuple(shape)}, got {tuple(x_T.shape)}")
     x, states = x_T.to(device), [x_T.cpu()]
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for t in tqdm(timesteps, disable=not progress, desc="sampling"):
             x = step(x, t)
             if return_all:
                 states.append(x.cpu())
-    finally:
-        model.train(was_training)
     return torch.stack(states) if return_all else x
 
 
@@ -1334,13 +1350,10 @@ class FashionClassifier(nn.Module):
 def classifier_outputs(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500, features: bool = False) -> torch.Tensor:
     """The classifier's logits (or, with ``features``, its penultimate features) for ``images``, in
     eval mode and in batches on the classifier's device; returned on the CPU in float64."""
-    was_training = classifier.training
-    classifier.eval()
     device = next(classifier.parameters()).device
     run = classifier.features if features else classifier
-    outputs = [run(batch.to(device)).double().cpu() for batch in images.split(batch_size)]
-    classifier.train(was_training)
-    return torch.cat(outputs)
+    with evaluating(classifier):
+        return torch.cat([run(batch.to(device)).double().cpu() for batch in images.split(batch_size)])
 
 
 def classifier_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
@@ -1517,13 +1530,11 @@ def variational_bound_bpd(model, schedule, x0, variance="beta", clip_x0=False, g
     ``prior`` L_T ``(B,)``, ``terms`` ``(B, T)`` with column t the code-t term of :func:`vb_term_bpd`
     (column 0 the decoder L_0), and ``total`` ``(B,)``, their sum. Costs T model calls per batch."""
     check_images(x0, "x0", check_range=True)
-    was_training = model.training
-    model.eval()
     terms = []
-    for step in tqdm(range(schedule.timesteps), disable=not progress, desc="bits/dim"):
-        t = torch.full((len(x0),), step, device=x0.device, dtype=torch.long)
-        terms.append(vb_term_bpd(model, schedule, x0, t, variance, clip_x0, _noise_like(x0, generator)))
-    model.train(was_training)
+    with evaluating(model):
+        for step in tqdm(range(schedule.timesteps), disable=not progress, desc="bits/dim"):
+            t = torch.full((len(x0),), step, device=x0.device, dtype=torch.long)
+            terms.append(vb_term_bpd(model, schedule, x0, t, variance, clip_x0, _noise_like(x0, generator)))
     terms = torch.stack(terms, dim=1)
     prior = prior_bpd(schedule, x0)
     return {"prior": prior, "terms": terms, "total": prior + terms.sum(1)}
@@ -1588,11 +1599,9 @@ def _sample_command(args) -> None:
     if out.suffix == ".pt":
         torch_save_atomically(model_to_uint8(x0), out)
     else:
-        from PIL import Image
-
-        grid = image_grid(x0).numpy()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(out)
+        buffer = io.BytesIO()
+        grid_picture(x0).save(buffer, format="PNG")
+        _write_atomically(out, buffer.getvalue())
     print(f"wrote {args.num} samples to {out}")
 
 

@@ -126,3 +126,14 @@ def test_ddim_step_count_out_of_range_is_refused():
         ddim_timesteps(1000, 1001)
     with pytest.raises(ValueError, match=r"1\.\.1000"):
         ddim_timesteps(1000, 0)
+
+
+def test_a_failing_model_is_still_given_back_in_training_mode():
+    class Broken(GaussianDataEps):
+        def forward(self, x_t, t):
+            raise RuntimeError("boom")
+
+    model = Broken(SCHEDULE).train()
+    with pytest.raises(RuntimeError, match="boom"):
+        p_sample_loop(model, SCHEDULE, (1, 1, 1, 1), progress=False)
+    assert model.training
