@@ -128,6 +128,14 @@ def test_resuming_with_another_recipe_is_refused(tmp_path):
         train(tiny_model(), tiny_loader(), dataclasses.replace(TINY_TRAINING, lr=1e-3), checkpoint_path=path, device="cpu", progress=False)
 
 
+def test_resuming_may_change_how_long_and_how_often_to_report(tmp_path):
+    path = tmp_path / "run.pt"
+    train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    changed = dataclasses.replace(TINY_TRAINING, steps=5, sample_every=7, checkpoint_every=1)
+    result = train(tiny_model(), tiny_loader(), changed, checkpoint_path=path, device="cpu", progress=False)
+    assert result["step"] == 5 and read_checkpoint(path)["train_config"]["checkpoint_every"] == 1
+
+
 def test_a_non_finite_loss_stops_training():
     model = tiny_model()
     with torch.no_grad():
@@ -184,14 +192,24 @@ def test_cli_writes_a_png_grid_from_the_command_line(shipped, tmp_path):
     assert Image.open(out).size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
 
 
-def test_cli_trains_and_exports(tmp_path, monkeypatch):
-    monkeypatch.setattr(ddpm_helpers, "UNET_CONFIG", {**TINY, "image_size": 28})
+@pytest.mark.parametrize("recipe", ["default", "cpu"])
+def test_cli_trains_a_recipe_and_exports(tmp_path, monkeypatch, recipe):
+    model_config, train_config = ddpm_helpers.RECIPES[recipe]
+    monkeypatch.setitem(ddpm_helpers.RECIPES, recipe, ({**TINY, "image_size": 28}, dataclasses.replace(train_config, lr=1e-3)))
     images = torch.rand(64, 1, 28, 28) * 2 - 1
     monkeypatch.setattr(ddpm_helpers, "load_fashion_mnist", lambda split: (images, torch.zeros(64, dtype=torch.long)))
     out = tmp_path / "model.pt"
-    main(["train", "--steps", "3", "--batch-size", "8", "--timesteps", "50", "--out", str(out), "--resume-file", str(tmp_path / "run.pt"), "--device", "cpu"])
+    main(["train", "--recipe", recipe, "--steps", "3", "--timesteps", "50", "--out", str(out), "--resume-file", str(tmp_path / "run.pt"), "--device", "cpu"])
     checkpoint = read_checkpoint(out)
-    assert checkpoint["step"] == 3 and checkpoint["train_config"]["batch_size"] == 8 and "optimizer" not in checkpoint
+    assert checkpoint["step"] == 3 and checkpoint["train_config"]["timesteps"] == 50 and "optimizer" not in checkpoint
+    assert checkpoint["train_config"]["lr"] == 1e-3 and checkpoint["train_config"]["batch_size"] == train_config.batch_size
+
+
+def test_the_cpu_recipe_is_the_default_with_a_smaller_model_and_batch():
+    unet_changes = {k for k, v in ddpm_helpers.CPU_UNET_CONFIG.items() if ddpm_helpers.DEFAULT_UNET_CONFIG[k] != v}
+    recipe_changes = {k for k, v in dataclasses.asdict(ddpm_helpers.CPU_TRAIN_CONFIG).items() if getattr(TrainConfig(), k) != v}
+    assert unet_changes == {"base_channels", "num_res_blocks"} and recipe_changes == {"batch_size"}
+    assert ddpm_helpers.count_parameters(UNet(**ddpm_helpers.CPU_UNET_CONFIG)) < ddpm_helpers.count_parameters(UNet(**ddpm_helpers.DEFAULT_UNET_CONFIG)) / 5
 
 
 def test_the_default_model_ships_within_20_mb_in_half_precision(tmp_path):
