@@ -974,7 +974,7 @@ class TrainConfig:
 
 
 TRAIN_CONFIG = by_mode(
-    TrainConfig(), TrainConfig(steps=40, batch_size=32, warmup_steps=10, sample_every=20, checkpoint_every=20)
+    TrainConfig(), TrainConfig(steps=40, batch_size=32, warmup_steps=10, sample_every=40, checkpoint_every=20)
 )
 
 # A recipe a 2-core CPU finishes in about two hours: the default's steps and hyperparameters with a
@@ -993,10 +993,13 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA: bf16 where the GPU supports it, else fp16; full fp32 elsewhere."""
+    """Mixed precision on CUDA: bf16 on GPUs built for it (Ampere and newer), else fp16; full fp32
+    elsewhere. (``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated, slowly,
+    as on Colab's T4.)"""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def forever(loader: DataLoader):
@@ -1484,8 +1487,8 @@ def classifier_fid(classifier: nn.Module, images_a: torch.Tensor, images_b: torc
     return frechet_distance(*statistics[0], *statistics[1])
 
 
-# Bits/dim of the variational bound (Ho et al. section 3.3, Table 2). The bound on -log p(x_0) is
-# L_T + sum_{t>0} L_t + L_0 in paper indices; in code, term t (zero-based) is the paper's L_t for the
+# Bits/dim of the variational bound (Ho et al. section 3.3 and eq. 5; their NLL results are in Table 1).
+# The bound on -log p(x_0) is L_T + sum_{t>0} L_t + L_0 in paper indices; in code, term t (zero-based) is the paper's L_t for the
 # step x_{t+1} -> x_t, and code t = 0 is the decoder L_0. Every term is in bits per dimension: nats
 # averaged over the pixels of an image, divided by ln 2.
 
@@ -1537,7 +1540,7 @@ def vb_term_bpd(model, schedule, x0, t: torch.Tensor, variance="beta", clip_x0=F
 
 @torch.inference_mode()
 def variational_bound_bpd(model, schedule, x0, variance="beta", clip_x0=False, generator=None, progress=True) -> dict:
-    """The whole bound on -log p(x_0) in bits/dim for a batch of images in [-1, 1] (Ho et al. Table 2):
+    """The whole bound on -log p(x_0) in bits/dim for a batch of images in [-1, 1] (Ho et al. eq. 5; NLL in their Table 1):
     ``prior`` L_T ``(B,)``, ``terms`` ``(B, T)`` with column t the code-t term of :func:`vb_term_bpd`
     (column 0 the decoder L_0), and ``total`` ``(B,)``, their sum. Costs T model calls per batch."""
     check_images(x0, "x0", check_range=True)
@@ -1589,7 +1592,7 @@ def _train_command(args) -> None:
     seed_everything(config.seed)
     images, labels = load_fashion_mnist("train")
     loader = make_dataloader(images, labels, config.batch_size, flip=config.flip, seed=config.seed)
-    resumable = Path(args.resume_file or DATA_DIR / "checkpoints" / Path(args.out).name)
+    resumable = Path(args.resume_file or DATA_DIR / "checkpoints" / f"{args.recipe}_{Path(args.out).name}")
     checkpoint = train(UNet(**unet_config), loader, config, checkpoint_path=resumable, device=args.device)
     export_checkpoint(resumable, args.out)
     print(f"trained {checkpoint['step']} steps in {checkpoint['wall_time_s'] / 60:.1f} min on {checkpoint['hardware']}; wrote {args.out}")
@@ -1666,7 +1669,7 @@ def main(argv: list[str] | None = None) -> None:
     train_parser = commands.add_parser("train", help="train one of the course's recipes on Fashion-MNIST")
     train_parser.add_argument("--recipe", choices=RECIPES, default="default", help="default: for a GPU; cpu: a smaller model")
     train_parser.add_argument("--out", default=str(SHIPPED_CHECKPOINT), help="weights-only checkpoint to write")
-    train_parser.add_argument("--resume-file", help="resumable checkpoint (default: data/checkpoints/<out name>)")
+    train_parser.add_argument("--resume-file", help="resumable checkpoint (default: data/checkpoints/<recipe>_<out name>)")
     for name in ("steps", "batch_size", "warmup_steps", "sample_every", "checkpoint_every", "seed", "timesteps"):
         train_parser.add_argument(f"--{name.replace('_', '-')}", type=int)
     for name in ("lr", "ema_decay", "grad_clip"):

@@ -228,3 +228,10 @@ def test_the_default_model_ships_within_20_mb_in_half_precision(tmp_path):
         torch.testing.assert_close(loaded(x, t), model.eval()(x, t), rtol=0, atol=2e-3)
     with pytest.raises(ValueError, match="holds no 'model' weights"):
         load_checkpoint(shipped, weights="model")
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_mixed_precision_uses_bf16_only_on_gpus_built_for_it(monkeypatch, capability, dtype):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert ddpm_helpers.autocast_dtype(torch.device("cuda")) == dtype
+    assert ddpm_helpers.autocast_dtype(torch.device("cpu")) is None
