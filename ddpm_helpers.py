@@ -1488,9 +1488,9 @@ def classifier_fid(classifier: nn.Module, images_a: torch.Tensor, images_b: torc
 
 
 # Bits/dim of the variational bound (Ho et al. section 3.3 and eq. 5; their NLL results are in Table 1).
-# The bound on -log p(x_0) is L_T + sum_{t>0} L_t + L_0 in paper indices; in code, term t (zero-based) is the paper's L_t for the
-# step x_{t+1} -> x_t, and code t = 0 is the decoder L_0. Every term is in bits per dimension: nats
-# averaged over the pixels of an image, divided by ln 2.
+# The bound on -log p(x_0) is L_T + sum_{t>0} L_t + L_0 in paper indices; in code, term t (zero-based)
+# is the paper's L_t for the step x_{t+1} -> x_t, and code t = 0 is the decoder L_0. Every term is in
+# bits per dimension: nats averaged over the pixels of an image, divided by ln 2.
 
 PIXEL_BIN = 1 / 255  # half the width of one of the 256 bins of 8-bit data in [-1, 1]
 
