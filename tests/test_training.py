@@ -235,3 +235,20 @@ def test_mixed_precision_uses_bf16_only_on_gpus_built_for_it(monkeypatch, capabi
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert ddpm_helpers.autocast_dtype(torch.device("cuda")) == dtype
     assert ddpm_helpers.autocast_dtype(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_mixed_precision_path_trains_and_resumes_its_grad_scaler(tmp_path, monkeypatch, dtype):
+    """The path a GPU takes (autocast, and a GradScaler for fp16), run on the CPU, which supports both
+    dtypes: losses stay finite, the weights stay float32, and the scaler's state survives a resume."""
+    monkeypatch.setattr(ddpm_helpers, "autocast_dtype", lambda device: dtype)
+    path = tmp_path / "run.pt"
+    train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    longer = dataclasses.replace(TINY_TRAINING, steps=6)
+    result = train(tiny_model(), tiny_loader(), longer, checkpoint_path=path, device="cpu", progress=False)
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
+    assert all(weight.dtype == torch.float32 for weight in result["model"].values() if weight.is_floating_point())
+    if dtype == torch.float16:  # six unskipped steps at the initial scale: the tracker counts them all
+        assert result["scaler"]["scale"] == 2.0**16 and result["scaler"]["_growth_tracker"] == 6
+    else:  # bf16 has float32's range and needs no loss scaling
+        assert result["scaler"] == {}

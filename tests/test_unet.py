@@ -67,6 +67,26 @@ def test_every_parameter_gets_a_gradient(block_type):
     assert not missing, f"no gradient reaches {missing}"
 
 
+@pytest.mark.parametrize("num_res_blocks", [1, 2])
+def test_each_up_block_receives_its_mirror_down_block_output_as_skip(num_res_blocks):
+    """The skip connections: down-path outputs are pushed on a stack and popped, last in first out,
+    into the up path. A skip that was dropped, zeroed or taken from the wrong level fails this, although
+    gradients would still reach every parameter through the main path."""
+    model = small_unet(channel_mults=[1, 2, 2], attention_resolutions=[7], num_res_blocks=num_res_blocks).eval()
+    pushed, received = [], []
+    for level in model.down:
+        for attention in level["attentions"]:
+            attention.register_forward_hook(lambda module, args, output: pushed.append(output))
+    for level in model.up:
+        for block in level["blocks"]:
+            block.register_forward_pre_hook(lambda module, args: received.append(args[0]))
+    with torch.no_grad():
+        model(*batch(model))
+    assert len(received) == len(pushed) == 3 * num_res_blocks
+    for skip, up_input in zip(reversed(pushed), received):
+        assert torch.equal(up_input[:, -skip.shape[1] :], skip)
+
+
 def test_attention_kinds_are_placed_by_resolution():
     model = small_unet(attention_resolutions=[14], linear_attention_resolutions=[28])
     assert all(isinstance(a, LinearAttention) for a in model.down[0]["attentions"])
