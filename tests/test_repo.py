@@ -77,3 +77,27 @@ def test_seed_everything_reproduces_random_draws():
     second = (torch.randn(3), torch.randn(3, generator=generator))
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert not torch.equal(first[0], torch.randn(3))
+
+
+def test_colab_set_up_installs_only_runtime_packages_and_retries_a_failed_install():
+    requirements = {line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()}
+    for notebook in NOTEBOOKS:
+        cells = json.loads(notebook.read_text())["cells"]
+        setup = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+        packages = re.search(r"RUNTIME_PACKAGES = (\[.*\])", setup)
+        assert packages, f"{notebook.name}: the set-up cell must name its RUNTIME_PACKAGES"
+        listed = eval(packages.group(1))
+        assert set(listed) <= requirements, f"{notebook.name}: {listed} must match requirements.txt"
+        assert not {"jupyter", "nbval", "pytest"} & {re.split(r"[<>=]", p)[0] for p in listed}
+        # the install sits outside the `if not ROOT.exists()` that guards the clone, so it runs every time
+        clone_guard = setup.index("if not ROOT.exists():")
+        install = setup.index('"pip", "install"')
+        guarded_block = setup[clone_guard:install]
+        assert "\n    subprocess.run([sys.executable" in setup[clone_guard:], notebook.name
+        assert guarded_block.count("\n        ") == 1, f"{notebook.name}: the install must not depend on the clone"
+
+
+def test_requirements_name_a_torch_with_the_device_type_grad_scaler():
+    torch_line = next(l for l in (ROOT / "requirements.txt").read_text().splitlines() if l.startswith("torch>="))
+    minimum = tuple(int(part) for part in torch_line.split("#")[0].strip().removeprefix("torch>=").split("."))
+    assert minimum >= (2, 3), "torch.amp.GradScaler(device_type, ...) needs torch 2.3"
