@@ -140,24 +140,29 @@ def beta_schedule(name: str, timesteps: int) -> torch.Tensor:
 class Schedule:
     """Every per-timestep constant that training and sampling need, computed once.
 
-    All tensors have shape ``(T,)`` and are indexed by the zero-based ``t``. Build one with
-    :meth:`from_name` or :meth:`from_betas`; move it with :meth:`to`. :meth:`at` gathers values for
-    a batch of timesteps on the schedule's device, so sampling never copies to the CPU.
+    All tensors have shape ``(T,)`` and are indexed by the zero-based code ``t``, which is the
+    paper's t + 1: entry ``t`` holds the paper's quantity at step t + 1 (``betas[0]`` is beta_1).
+    Build one with :meth:`from_name` or :meth:`from_betas`; move it with :meth:`to`. :meth:`at`
+    gathers values for a batch of timesteps on the schedule's device, so sampling never copies to
+    the CPU.
     """
 
-    betas: torch.Tensor  # beta_t
-    alphas: torch.Tensor  # alpha_t = 1 - beta_t
-    alphas_cumprod: torch.Tensor  # alpha-bar_t = prod_{s <= t} alpha_s
-    alphas_cumprod_prev: torch.Tensor  # alpha-bar_{t-1}, with alpha-bar before the first step = 1
+    # Each comment names the paper's quantity stored at code index t (the paper's step t + 1).
+    betas: torch.Tensor  # beta_{t+1}
+    alphas: torch.Tensor  # alpha_{t+1} = 1 - beta_{t+1}
+    alphas_cumprod: torch.Tensor  # alpha-bar_{t+1} = prod_{s <= t+1} alpha_s
+    alphas_cumprod_prev: torch.Tensor  # alpha-bar_t, so alpha-bar_0 = 1 at code t = 0
     sqrt_alphas_cumprod: torch.Tensor
     sqrt_one_minus_alphas_cumprod: torch.Tensor
-    sqrt_recip_alphas: torch.Tensor  # 1 / sqrt(alpha_t), in the reverse step (eq. 11)
+    sqrt_recip_alphas: torch.Tensor  # 1 / sqrt(alpha_{t+1}), in the reverse step (eq. 11)
     sqrt_recip_alphas_cumprod: torch.Tensor  # x_0 = sqrt(1/alpha-bar) x_t - sqrt(1/alpha-bar - 1) eps
     sqrt_recipm1_alphas_cumprod: torch.Tensor
-    posterior_variance: torch.Tensor  # beta-tilde_t (eq. 7); zero at t = 0
-    posterior_log_variance_clipped: torch.Tensor  # log beta-tilde_t with beta-tilde at t = 0 -> at t = 1
-    posterior_mean_coef1: torch.Tensor  # multiplies x_0 in mu-tilde (eq. 7)
-    posterior_mean_coef2: torch.Tensor  # multiplies x_t in mu-tilde (eq. 7)
+    posterior_variance: torch.Tensor  # beta-tilde_{t+1} (eq. 7); zero at code t = 0 (beta-tilde_1)
+    posterior_log_variance_clipped: torch.Tensor  # log beta-tilde_{t+1}, with beta-tilde_1 -> beta-tilde_2
+    posterior_mean_coef1: torch.Tensor  # multiplies x_0 in mu-tilde_{t+1} (eq. 7)
+    posterior_mean_coef2: torch.Tensor  # multiplies x_{t+1} in mu-tilde_{t+1} (eq. 7)
+    # alpha-bar_{t+1} in float64, for snr(). It stays on the CPU (``to`` leaves it there: MPS has no float64).
+    alphas_cumprod_float64: torch.Tensor
     name: str = "custom"
 
     @classmethod
@@ -166,7 +171,8 @@ class Schedule:
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor, name: str = "custom") -> Schedule:
-        """Precompute in float64 (alpha-bar is a long product), store as float32."""
+        """Precompute in float64 (alpha-bar is a long product), store as float32; keep alpha-bar in
+        float64 too, for :meth:`snr`."""
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.dim() != 1 or not ((betas > 0) & (betas < 1)).all():
             raise ValueError("betas must be a 1-D tensor with every value in (0, 1)")
@@ -189,7 +195,8 @@ class Schedule:
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             posterior_mean_coef2=(1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
         )
-        return cls(**{key: value.float() for key, value in values.items()}, name=name)
+        stored = {key: value.float() for key, value in values.items()}
+        return cls(**stored, alphas_cumprod_float64=alphas_cumprod, name=name)
 
     @property
     def timesteps(self) -> int:
@@ -200,12 +207,15 @@ class Schedule:
         return self.betas.device
 
     def to(self, device: torch.device | str) -> Schedule:
-        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name != "name"}
+        kept = ("name", "alphas_cumprod_float64")
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name not in kept}
         return dataclasses.replace(self, **moved)
 
     def snr(self) -> torch.Tensor:
-        """Signal-to-noise ratio alpha-bar_t / (1 - alpha-bar_t) of x_t given x_0."""
-        return self.alphas_cumprod / (1 - self.alphas_cumprod)
+        """Signal-to-noise ratio alpha-bar / (1 - alpha-bar) of x_t given x_0, at every code t (paper
+        t + 1), in float64 on the CPU: from float32 alpha-bar, 1 - alpha-bar near the first step
+        would lose most of its digits."""
+        return self.alphas_cumprod_float64 / (1 - self.alphas_cumprod_float64)
 
     def at(self, name: str, t: torch.Tensor, ndim: int = 4) -> torch.Tensor:
         """The values of ``name`` at a batch of timesteps ``t``, shaped ``(B, 1, ..., 1)`` to
@@ -270,9 +280,18 @@ def q_posterior(
     return mean, schedule.at("posterior_variance", t)
 
 
+def cpu_float64(value) -> torch.Tensor:
+    """``value`` (a tensor on any device, or a number) as a float64 tensor on the CPU. Moved first and
+    converted second, because Apple's MPS cannot hold float64 tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().double()
+    return torch.as_tensor(value, dtype=torch.float64)
+
+
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
-    mean1, logvar1, mean2, logvar2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mean1, logvar1, mean2, logvar2))
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats, computed in float64
+    on the CPU (whatever device the inputs are on) and returned there."""
+    mean1, logvar1, mean2, logvar2 = (cpu_float64(v) for v in (mean1, logvar1, mean2, logvar2))
     return 0.5 * (logvar2 - logvar1 + (logvar1.exp() + (mean1 - mean2) ** 2) / logvar2.exp() - 1)
 
 
@@ -573,7 +592,7 @@ CONVNEXT_EXPANSION = 4  # width of the ConvNeXt inverted bottleneck, in multiple
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = MAX_PERIOD) -> torch.Tensor:
-    """Embed timesteps ``t`` ``(B,)`` as ``(B, dim)`` sines and cosines (notebook 03, eq. 2).
+    """Embed timesteps ``t`` ``(B,)`` as ``(B, dim)`` sines and cosines (notebook 03, eq. a).
 
     Entry ``i < dim/2`` is sin(t w_i) and entry ``dim/2 + i`` is cos(t w_i), with frequencies
     w_i = max_period ** (-i / (dim/2)) falling geometrically from 1 to nearly 1 / max_period.
@@ -742,7 +761,7 @@ def check_unet_config(config: dict) -> None:
         )
     resolutions = unet_resolutions(size, len(mults))
     for name in ("attention_resolutions", "linear_attention_resolutions"):
-        for resolution in config[name]:
+        for resolution in config[name] or []:  # attention_resolutions=None: the lowest resolution
             if resolution not in resolutions:
                 raise ValueError(
                     f"{name} contains {resolution}, but a {size}x{size} image with {len(mults)} levels only "
@@ -768,8 +787,10 @@ class UNet(nn.Module):
     Levels run at ``image_size``, /2, /4, ... with widths ``base_channels * channel_mults[i]``; each level
     has ``num_res_blocks`` blocks (``block_type`` "resnet" or "convnext") on the way down and up, joined by
     skip connections, with self-attention after each block at ``attention_resolutions`` and linear attention
-    at ``linear_attention_resolutions``. The middle is block, self-attention, block. ``model.config`` holds
-    the constructor arguments as a plain dict, so ``UNet(**model.config)`` rebuilds the architecture.
+    at ``linear_attention_resolutions``. The middle is block, self-attention, block. ``attention_resolutions=None``
+    (the default) means the lowest resolution, ``image_size / 2**(levels - 1)``, so every valid size builds.
+    ``model.config`` holds the constructor arguments as a plain dict, with ``None`` replaced by the list it
+    stands for, so ``UNet(**model.config)`` rebuilds the architecture.
 
     The default (``DEFAULT_UNET_CONFIG``) is for 28x28 Fashion-MNIST: base width 64, mults (1, 2, 2) so
     levels run at 28, 14, 7 with 64, 128, 128 channels, two ResNet blocks a level, full attention only at
@@ -785,7 +806,7 @@ class UNet(nn.Module):
         base_channels: int = 64,
         channel_mults: tuple[int, ...] | list[int] = (1, 2, 2),
         num_res_blocks: int = 2,
-        attention_resolutions: tuple[int, ...] | list[int] = (7,),
+        attention_resolutions: tuple[int, ...] | list[int] | None = None,
         linear_attention_resolutions: tuple[int, ...] | list[int] = (),
         dropout: float = 0.1,
         block_type: str = "resnet",
@@ -798,7 +819,7 @@ class UNet(nn.Module):
             base_channels=base_channels,
             channel_mults=list(channel_mults),
             num_res_blocks=num_res_blocks,
-            attention_resolutions=list(attention_resolutions),
+            attention_resolutions=None if attention_resolutions is None else list(attention_resolutions),
             linear_attention_resolutions=list(linear_attention_resolutions),
             dropout=float(dropout),
             block_type=block_type,
@@ -807,6 +828,8 @@ class UNet(nn.Module):
         check_unet_config(self.config)
         widths = [base_channels * m for m in channel_mults]
         resolutions = unet_resolutions(image_size, len(widths))
+        if attention_resolutions is None:  # the lowest resolution, where full attention is cheapest
+            attention_resolutions = self.config["attention_resolutions"] = resolutions[-1:]
         time_dim = 4 * base_channels
 
         def block(in_channels: int, out_channels: int) -> nn.Module:
@@ -988,68 +1011,139 @@ BOOKKEEPING_FIELDS = ("steps", "sample_every", "checkpoint_every")
 
 
 def make_ema(model: nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of ``model``'s weights (``torch.optim.swa_utils``)."""
+    """An exponential moving average of ``model``'s weights (``torch.optim.swa_utils``; its update
+    runs as a few multi-tensor ``foreach`` operations, not one small kernel per weight)."""
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+def has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes in bfloat16 natively (x86 flags ``avx512_bf16`` or ``amx_bf16`` in
+    /proc/cpuinfo). Elsewhere bf16 is emulated and slower than float32."""
+    if not cpuinfo.exists():  # not Linux: macOS, Windows
+        return False
+    flags = set(cpuinfo.read_text().split())
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA: bf16 on GPUs built for it (Ampere and newer), else fp16; full fp32
-    elsewhere. (``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated, slowly,
-    as on Colab's T4.)"""
-    if device.type != "cuda":
-        return None
-    major, _ = torch.cuda.get_device_capability(device)
-    return torch.bfloat16 if major >= 8 else torch.float16
+    """The 16-bit type for mixed precision, or None for plain float32. CUDA: bf16 on GPUs built for
+    it (Ampere and newer), else fp16 (``torch.cuda.is_bf16_supported()`` also says yes where bf16 is
+    only emulated, slowly, as on Colab's T4). CPU: bf16 where it is native (:func:`has_native_bf16`).
+    Elsewhere (Apple MPS, other CPUs): None."""
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    if device.type == "cpu" and has_native_bf16():
+        return torch.bfloat16
+    return None
 
 
-def forever(loader: DataLoader):
-    """Batches from ``loader``, epoch after epoch. Training counts steps, not epochs."""
-    while True:
-        yield from loader
+class TrainingSet:
+    """Training images kept on the device as 8-bit integers (all 60,000 Fashion-MNIST images take
+    47 MB), with batches and flips drawn there: no DataLoader, no copy from the host at each step.
+    A batch is ``batch_size`` images drawn at random with replacement and each flipped left-right
+    with probability 1/2 (if ``flip``), from PyTorch's global generator of the device, so the saved
+    random state alone says what comes next. In quick mode only ``QUICK_SUBSET`` images are kept."""
+
+    def __init__(self, images: torch.Tensor, flip: bool = False, device="cpu", subset: int | None = None, seed: int = 0):
+        check_images(images, "images", check_range=True)
+        subset = subset or by_mode(None, QUICK_SUBSET)
+        if subset is not None and subset < len(images):
+            images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:subset]]
+        self.pixels = model_to_uint8(images).to(device)
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def batch(self, batch_size: int) -> torch.Tensor:
+        """``batch_size`` random training images in [-1, 1], on the device."""
+        index = torch.randint(len(self.pixels), (batch_size,), device=self.pixels.device)
+        x0 = uint8_to_model(self.pixels[index])
+        if self.flip:
+            mirrored = torch.rand(batch_size, 1, 1, 1, device=x0.device) < 0.5
+            x0 = torch.where(mirrored, x0.flip(-1), x0)
+        return x0
+
+
+LOG_EVERY = 50  # steps between reads of the losses from the device (one host sync per read)
+
+
+def random_state(device: torch.device) -> dict:
+    """PyTorch's global random state on the CPU and, for a GPU, on the device: saved in checkpoints,
+    so that a resumed run draws exactly the batches, timesteps and noise an uninterrupted one would."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_random_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def check_finite_losses(losses: list[float], first_step: int, config: TrainConfig) -> None:
+    """Stop training at the first non-finite loss, with what to try."""
+    for step, loss in enumerate(losses, start=first_step):
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss became {loss} at step {step}: training stopped. Lower the learning rate "
+                f"(now {config.lr}) or the gradient clip (now {config.grad_clip}), and check the data is finite."
+            )
 
 
 def train(
     model: nn.Module,
-    loader: DataLoader,
+    images: torch.Tensor,
     config: TrainConfig = TRAIN_CONFIG,
     checkpoint_path: str | Path | None = None,
     on_sample=None,
     num_samples: int = 16,
     device: torch.device | str | None = None,
     progress: bool = True,
+    mixed_precision: bool = True,
 ) -> dict:
     """Algorithm 1: repeat { x_0 ~ data; t ~ U{0..T-1}; eps ~ N(0, I); step on ||eps - eps_theta||^2 }.
 
-    Adds what a real run needs: Adam with learning-rate warm-up, gradient clipping, an EMA of the
-    weights, mixed precision on CUDA, a sample grid from the EMA model every ``sample_every`` steps
-    (passed to ``on_sample(step, images)``), and a checkpoint written atomically every
+    ``images`` is the training set, ``(N, C, H, W)`` in [-1, 1]; it moves to the device once
+    (:class:`TrainingSet`). Adds what a real run needs: Adam with learning-rate warm-up, gradient
+    clipping, an EMA of the weights, mixed precision where the hardware has it (:func:`autocast_dtype`;
+    ``mixed_precision=False`` keeps float32), a sample grid from the EMA model every ``sample_every``
+    steps (passed to ``on_sample(step, images)``), and a checkpoint written atomically every
     ``checkpoint_every`` steps and at the end. If ``checkpoint_path`` exists, training resumes from
-    it. A non-finite loss stops training with an error. Returns the checkpoint dictionary.
+    it exactly where it stopped. The losses stay on the device and are read every ``LOG_EVERY`` steps
+    (and before a sample grid or checkpoint); a non-finite one stops training with an error, at most
+    that many steps late and before anything is saved. Returns the checkpoint dictionary.
     """
     device = torch.device(device or get_device())
     model.to(device).train()
     schedule = Schedule.from_name(config.schedule, config.timesteps).to(device)
+    data = TrainingSet(images, flip=config.flip, device=device, seed=config.seed)
     ema = make_ema(model, config.ema_decay)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps))
-    dtype = autocast_dtype(device)
+    dtype = autocast_dtype(device) if mixed_precision else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = {"step": 0, "losses": [], "wall_time_s": 0.0}
+    seed_everything(config.seed)
     if checkpoint_path and Path(checkpoint_path).exists():
-        state = _resume(checkpoint_path, model, ema, optimizer, warmup, scaler, config)
-    seed_everything(config.seed + state["step"])
+        state = _resume(checkpoint_path, model, ema, optimizer, warmup, scaler, config, device)
     started = time.perf_counter() - state["wall_time_s"]
-    batches = forever(loader)
+    unread = torch.zeros(LOG_EVERY, device=device)  # losses not yet read from the device
     bar = tqdm(range(state["step"], config.steps), initial=state["step"], total=config.steps, disable=not progress)
+
+    def read_losses(count: int) -> None:
+        losses = unread[:count].tolist()  # the one host sync
+        check_finite_losses(losses, len(state["losses"]), config)
+        state["losses"].extend(losses)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+
     for step in bar:
-        x0 = next(batches)[0].to(device, non_blocking=True)
+        x0 = data.batch(config.batch_size)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = p_losses(model, schedule, x0, loss_type=config.loss_type)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the loss became {loss.item()} at step {step}: training stopped. Lower the learning rate "
-                f"(now {config.lr}) or the gradient clip (now {config.grad_clip}), and check the data is finite."
-            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -1058,12 +1152,15 @@ def train(
         scaler.update()
         warmup.step()
         ema.update_parameters(model)
-        state["losses"].append(loss.item())
+        unread[step - len(state["losses"])] = loss.detach()
         state["step"] = step + 1
-        bar.set_postfix(loss=f"{state['losses'][-1]:.4f}")
-        if on_sample and state["step"] % config.sample_every == 0:
+        sample_now = on_sample and state["step"] % config.sample_every == 0
+        save_now = checkpoint_path and (state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps)
+        if sample_now or save_now or state["step"] - len(state["losses"]) == LOG_EVERY or state["step"] == config.steps:
+            read_losses(state["step"] - len(state["losses"]))
+        if sample_now:
             on_sample(state["step"], p_sample_loop(ema.module, schedule, (num_samples, *x0.shape[1:]), progress=False))
-        if checkpoint_path and (state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps):
+        if save_now:
             state["wall_time_s"] = time.perf_counter() - started
             save_checkpoint(checkpoint_path, model, ema, config, state, optimizer, warmup, scaler)
     state["wall_time_s"] = time.perf_counter() - started
@@ -1089,6 +1186,7 @@ def _checkpoint_dict(model, ema, config, state, optimizer=None, warmup=None, sca
     }
     if optimizer is not None:
         checkpoint.update(optimizer=optimizer.state_dict(), warmup=warmup.state_dict(), scaler=scaler.state_dict())
+        checkpoint["random_state"] = random_state(next(model.parameters()).device)
     return checkpoint
 
 
@@ -1117,7 +1215,7 @@ def _check_same_config(path, kind: str, expected: dict, actual: dict) -> None:
         raise ValueError(f"{path} was saved with another {kind} configuration: " + "; ".join(differences))
 
 
-def _resume(path, model, ema, optimizer, warmup, scaler, config) -> dict:
+def _resume(path, model, ema, optimizer, warmup, scaler, config, device) -> dict:
     checkpoint = read_checkpoint(path)
     _check_same_config(path, "model", checkpoint["model_config"], dict(model.config))
     saved = {key: value for key, value in checkpoint["train_config"].items() if key not in BOOKKEEPING_FIELDS}
@@ -1131,6 +1229,10 @@ def _resume(path, model, ema, optimizer, warmup, scaler, config) -> dict:
     optimizer.load_state_dict(checkpoint["optimizer"])
     warmup.load_state_dict(checkpoint["warmup"])
     scaler.load_state_dict(checkpoint["scaler"])
+    if "random_state" in checkpoint:
+        set_random_state(checkpoint["random_state"], device)
+    else:  # written before checkpoints kept the random state: at least do not repeat the draws done
+        seed_everything(config.seed + checkpoint["step"])
     return {key: checkpoint[key] for key in ("step", "losses", "wall_time_s")}
 
 
@@ -1148,6 +1250,69 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None, weights: s
     model.load_state_dict(checkpoint[weights])
     schedule = Schedule.from_name(checkpoint["schedule"]["name"], checkpoint["schedule"]["timesteps"])
     return model.to(device).eval(), schedule.to(device), checkpoint
+
+
+WORK_DIR_VARIABLE = "DDPM_WORK_DIR"  # where training checkpoints and your exported model go
+MODEL_VARIABLE = "DDPM_MODEL"  # a checkpoint for notebooks 05 onwards to use instead of the shipped one
+EXPORT_VARIABLE = "DDPM_EXPORT"  # where notebook 04 exports instead (the job that refreshes the shipped model)
+STUDENT_MODEL_NAME = "my_fashion_mnist_ddpm.pt"
+DRIVE_FOLDER = "/content/drive/MyDrive/ddpm-from-scratch"
+
+
+def in_course(path: str | Path) -> Path:
+    """``path`` relative to the course's folder where it lies inside it (for printing), else as is."""
+    path = Path(path).resolve()
+    return path.relative_to(DATA_DIR.parent) if path.is_relative_to(DATA_DIR.parent) else path
+
+
+def work_dir() -> Path:
+    """Where training writes its resumable checkpoint and the exported model: ``$DDPM_WORK_DIR`` if
+    set (:func:`use_google_drive` sets it), else ``data/checkpoints/`` of this clone."""
+    return Path(os.environ.get(WORK_DIR_VARIABLE) or DATA_DIR / "checkpoints")
+
+
+def student_model_path() -> Path:
+    """The file notebook 04 exports your trained model to, and notebooks 05 onwards look for first."""
+    return work_dir() / STUDENT_MODEL_NAME
+
+
+def export_target() -> Path:
+    """Where notebook 04 exports the model it trains: :func:`student_model_path`, or the file named by
+    ``$DDPM_EXPORT`` (README's job that refreshes the published results names the shipped file)."""
+    return Path(os.environ.get(EXPORT_VARIABLE) or student_model_path())
+
+
+def use_google_drive() -> Path:
+    """On Colab: mount Google Drive and keep checkpoints and exports in a Drive folder, so that a
+    disconnect loses nothing and later notebooks (each its own Colab runtime) find your model."""
+    from google.colab import drive  # only on Colab
+
+    drive.mount("/content/drive")
+    Path(DRIVE_FOLDER).mkdir(parents=True, exist_ok=True)
+    os.environ[WORK_DIR_VARIABLE] = DRIVE_FOLDER
+    print(f"checkpoints and your exported model go to {DRIVE_FOLDER}")
+    return Path(DRIVE_FOLDER)
+
+
+def choose_model_file() -> tuple[Path, str]:
+    """The checkpoint notebooks 05 onwards sample from, and why: the model you exported in notebook
+    04 if there is one, else the file named by ``$DDPM_MODEL``, else the one the course ships."""
+    if student_model_path().exists():
+        return student_model_path(), "your model, exported by notebook 04"
+    if os.environ.get(MODEL_VARIABLE):
+        path = Path(os.environ[MODEL_VARIABLE])
+        if not path.exists():
+            raise FileNotFoundError(f"${MODEL_VARIABLE} names {path}, which does not exist")
+        return path, f"the file named by ${MODEL_VARIABLE}"
+    return SHIPPED_CHECKPOINT, "shipped with the course; notebook 04 trains and exports your own"
+
+
+def load_course_model(device=None):
+    """:func:`load_checkpoint` of :func:`choose_model_file`'s choice (EMA weights, eval mode), saying
+    which file it loaded."""
+    path, reason = choose_model_file()
+    print(f"model: {in_course(path)} ({reason})")
+    return load_checkpoint(path, device=device or get_device())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1199,6 +1364,34 @@ def p_mean_variance(model, schedule, x_t, t: torch.Tensor, variance="beta", clip
     return mean, reverse_variance(schedule, t, variance, x_t.dim())
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` count as the same device (an index left out means the current one)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def check_schedule_device(schedule: Schedule, device: torch.device | str, what: str = "the images") -> None:
+    """Refuse a schedule that lives on another device than the sampling, with a message that says the fix."""
+    device = torch.device(device)
+    if not _same_device(schedule.device, device):
+        raise ValueError(f"the schedule is on {schedule.device} but {what} on {device}: call schedule.to({str(device)!r}) first")
+
+
+def sampling_device(model: nn.Module, schedule: Schedule | None = None, device=None) -> torch.device:
+    """The device a sampler runs on: ``device`` if given, else the model's (its first parameter or
+    buffer), else, for a model with neither, the schedule's. A model or a schedule elsewhere is refused."""
+    model_device = next((tensor.device for tensor in (*model.parameters(), *model.buffers())), None)
+    if device is None:
+        device = model_device if model_device is not None else (schedule.device if schedule is not None else None)
+        if device is None:
+            raise ValueError("the model has no parameters or buffers to tell its device: pass device= to the sampler")
+    device = torch.device(device)
+    if model_device is not None and not _same_device(model_device, device):
+        raise ValueError(f"the model is on {model_device} but device={str(device)!r}: call model.to({str(device)!r}) first")
+    if schedule is not None:
+        check_schedule_device(schedule, device, "the model" if model_device is not None else "the sampling")
+    return device
+
+
 @torch.inference_mode()
 def p_sample(model, schedule, x_t, t: int, variance="beta", clip_x0=False, generator=None) -> torch.Tensor:
     """One reverse step x_t -> x_{t-1} (Algorithm 2, lines 3-4; code ``t`` is zero-based).
@@ -1210,6 +1403,7 @@ def p_sample(model, schedule, x_t, t: int, variance="beta", clip_x0=False, gener
     check_variance(variance)
     if not 0 <= t < schedule.timesteps:
         raise ValueError(f"t must lie in 0..{schedule.timesteps - 1} (zero-based), got {t}")
+    check_schedule_device(schedule, x_t.device, "x_t")
     t_batch = torch.full((len(x_t),), t, device=x_t.device, dtype=torch.long)
     mean, sigma_squared = p_mean_variance(model, schedule, x_t, t_batch, variance, clip_x0)
     if t == 0:
@@ -1218,12 +1412,12 @@ def p_sample(model, schedule, x_t, t: int, variance="beta", clip_x0=False, gener
 
 
 @torch.inference_mode()
-def reverse_chain(model, shape, step, timesteps, x_T=None, generator=None, return_all=False, device=None, progress=True):
+def reverse_chain(model, shape, step, timesteps, x_T=None, generator=None, return_all=False, device=None, progress=True, schedule=None):
     """What every sampler shares: start from x_T ~ N(0, I) (or the given ``x_T``), apply
     ``x = step(x, t)`` for each ``t`` in ``timesteps`` with the model in eval mode, and return the last
     state or, with ``return_all``, all states stacked on the CPU, starting with x_T. The model is
-    given back in the mode it was in."""
-    device = torch.device(device or next(model.parameters()).device)
+    given back in the mode it was in. The device is :func:`sampling_device`'s."""
+    device = sampling_device(model, schedule, device)
     if x_T is None:
         x_T = _noise_like(torch.empty(shape, device=device), generator)
     elif tuple(x_T.shape) != tuple(shape):
@@ -1259,7 +1453,7 @@ def p_sample_loop(
         return p_sample(model, schedule, x, t, variance, clip_x0, generator)
 
     timesteps = range(schedule.timesteps - 1, -1, -1)
-    return reverse_chain(model, shape, step, timesteps, x_T, generator, return_all, device, progress)
+    return reverse_chain(model, shape, step, timesteps, x_T, generator, return_all, device, progress, schedule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1282,12 +1476,19 @@ def ddim_step(model, schedule, x_t, t: int, t_prev: int, eta=0.0, clip_x0=False,
     """One DDIM update from code timestep ``t`` to ``t_prev`` (``-1`` means x_0), Song et al. eq. 12:
     x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z, with
     sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev). Note ab is the
-    cumulative alpha-bar, never the single-step alpha."""
+    cumulative alpha-bar, never the single-step alpha.
+
+    With ``clip_x0``, x0_hat is clipped to [-1, 1] and eps_hat recomputed from it,
+    eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t), so that x_t = sqrt(ab_t) x0_hat + sqrt(1 - ab_t) eps_hat
+    still holds (as improved-diffusion, denoising-diffusion-pytorch and diffusers with
+    ``use_clipped_model_output=True`` do). Without ``clip_x0`` nothing is recomputed."""
+    check_schedule_device(schedule, x_t.device, "x_t")
     t_batch = torch.full((len(x_t),), t, device=x_t.device, dtype=torch.long)
     eps = model(x_t, t_batch)
     x0 = predict_x0(schedule, x_t, t_batch, eps)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
+        eps = (x_t - schedule.at("sqrt_alphas_cumprod", t_batch) * x0) / schedule.at("sqrt_one_minus_alphas_cumprod", t_batch)
     alpha_bar = schedule.alphas_cumprod[t]
     alpha_bar_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else alpha_bar.new_ones(())
     sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
@@ -1317,7 +1518,7 @@ def ddim_sample(
         return ddim_step(model, schedule, x, *pair, eta, clip_x0, generator)
 
     pairs = list(zip(visited, visited[1:] + [-1]))  # (t, t_prev); -1 stands for x_0
-    return reverse_chain(model, shape, step, pairs, x_T, generator, return_all, device, progress)
+    return reverse_chain(model, shape, step, pairs, x_T, generator, return_all, device, progress, schedule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1367,7 +1568,7 @@ def classifier_outputs(classifier: nn.Module, images: torch.Tensor, batch_size: 
     device = next(classifier.parameters()).device
     run = classifier.features if features else classifier
     with evaluating(classifier):
-        return torch.cat([run(batch.to(device)).double().cpu() for batch in images.split(batch_size)])
+        return torch.cat([cpu_float64(run(batch.to(device))) for batch in images.split(batch_size)])
 
 
 def classifier_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
@@ -1448,7 +1649,7 @@ def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """Mean ``(d,)`` and covariance ``(d, d)`` (unbiased, 1/(n-1)) of ``(n, d)`` features, in float64."""
     if features.dim() != 2 or len(features) < 2:
         raise ValueError(f"features must have shape (n, d) with n >= 2, got {tuple(features.shape)}")
-    features = features.double()
+    features = cpu_float64(features)
     mu = features.mean(0)
     centred = features - mu
     return mu, centred.T @ centred / (len(features) - 1)
@@ -1472,7 +1673,7 @@ def trace_sqrt_product(cov1: torch.Tensor, cov2: torch.Tensor) -> torch.Tensor:
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     """The Frechet distance between N(mu1, cov1) and N(mu2, cov2) (Dowson & Landau, 1982):
     ||mu1 - mu2||^2 + Tr(cov1) + Tr(cov2) - 2 Tr((cov1 cov2)^(1/2)). FID is this between features."""
-    mu1, cov1, mu2, cov2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, cov1, mu2, cov2))
+    mu1, cov1, mu2, cov2 = (cpu_float64(v) for v in (mu1, cov1, mu2, cov2))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (len(mu1), len(mu1)):
         shapes = ", ".join(str(tuple(v.shape)) for v in (mu1, cov1, mu2, cov2))
         raise ValueError(f"expected means (d,) and covariances (d, d) of one d, got shapes {shapes}")
@@ -1501,20 +1702,20 @@ def nats_to_bits_per_dim(nats: torch.Tensor) -> torch.Tensor:
 
 
 def prior_bpd(schedule: Schedule, x0: torch.Tensor) -> torch.Tensor:
-    """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim ``(B,)``; it has no parameters to learn."""
+    """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim ``(B,)``, float64 on the CPU; it has no parameters to learn."""
     t = torch.full((len(x0),), schedule.timesteps - 1, device=x0.device, dtype=torch.long)
     mean = schedule.at("sqrt_alphas_cumprod", t) * x0
-    log_variance = torch.log1p(-schedule.at("alphas_cumprod", t).double())  # exact even where alpha-bar_T is tiny
+    log_variance = torch.log1p(-cpu_float64(schedule.at("alphas_cumprod", t)))  # exact even where alpha-bar_T is tiny
     return nats_to_bits_per_dim(normal_kl(mean, log_variance, 0.0, 0.0))
 
 
 def discretized_gaussian_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """log p(x_0) elementwise (nats, float64) under the discretised Gaussian decoder (paper eq. 13):
+    """log p(x_0) elementwise (nats, float64 on the CPU) under the discretised Gaussian decoder (paper eq. 13):
     the mass of N(mean, exp(log_scale)^2) in the bin of width 2/255 around each pixel value of ``x0``,
     with the outermost bins (-1 and 1) extended to -inf and +inf, as in Ho et al.'s code. ``x0`` is
     snapped to the nearest pixel value in float64 (float32 holds them only to about 1e-7), so that
     neighbouring bins share their edges exactly and the 256 probabilities sum to 1."""
-    x0, mean, log_scale = (torch.as_tensor(v, dtype=torch.float64) for v in (x0, mean, log_scale))
+    x0, mean, log_scale = (cpu_float64(v) for v in (x0, mean, log_scale))
     x0 = ((x0.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
     upper = (x0 - mean + PIXEL_BIN) * torch.exp(-log_scale)  # standardised bin edges
     lower = (x0 - mean - PIXEL_BIN) * torch.exp(-log_scale)
@@ -1526,7 +1727,7 @@ def discretized_gaussian_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, lo
 
 @torch.inference_mode()
 def vb_term_bpd(model, schedule, x0, t: torch.Tensor, variance="beta", clip_x0=False, noise=None) -> torch.Tensor:
-    """One term of the bound per image, in bits/dim ``(B,)``, at x_t ~ q(x_t | x_0) drawn with ``noise``:
+    """One term of the bound per image, in bits/dim ``(B,)`` (float64 on the CPU), at x_t ~ q(x_t | x_0) drawn with ``noise``:
     KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) where ``t > 0``, and the decoder's
     -log p_theta(x_0 | x_1) where ``t = 0``. p_theta is the sampler's (:func:`p_mean_variance`)."""
     x_t = q_sample(schedule, x0, t, noise)
@@ -1535,14 +1736,14 @@ def vb_term_bpd(model, schedule, x0, t: torch.Tensor, variance="beta", clip_x0=F
     true_log_variance = schedule.at("posterior_log_variance_clipped", t, x0.dim())
     kl = nats_to_bits_per_dim(normal_kl(true_mean, true_log_variance, model_mean, model_variance.log()))
     decoder = nats_to_bits_per_dim(-discretized_gaussian_log_likelihood(x0, model_mean, model_variance.log() / 2))
-    return torch.where(t == 0, decoder, kl)
+    return torch.where(t.cpu() == 0, decoder, kl)
 
 
 @torch.inference_mode()
 def variational_bound_bpd(model, schedule, x0, variance="beta", clip_x0=False, generator=None, progress=True) -> dict:
     """The whole bound on -log p(x_0) in bits/dim for a batch of images in [-1, 1] (Ho et al. eq. 5; NLL in their Table 1):
     ``prior`` L_T ``(B,)``, ``terms`` ``(B, T)`` with column t the code-t term of :func:`vb_term_bpd`
-    (column 0 the decoder L_0), and ``total`` ``(B,)``, their sum. Costs T model calls per batch."""
+    (column 0 the decoder L_0), and ``total`` ``(B,)``, their sum, all float64 on the CPU. Costs T model calls per batch."""
     check_images(x0, "x0", check_range=True)
     terms = []
     with evaluating(model):
@@ -1576,7 +1777,7 @@ def export_checkpoint(resumable: str | Path, out: str | Path) -> Path:
     cannot tell the difference), and the raw weights beside the EMA ones only if the file stays
     within ``MAX_SHIPPED_MB``."""
     checkpoint = read_checkpoint(resumable)
-    for key in ("optimizer", "warmup", "scaler"):
+    for key in ("optimizer", "warmup", "scaler", "random_state"):
         checkpoint.pop(key, None)
     checkpoint["ema"], checkpoint["model"] = _half_precision(checkpoint["ema"]), _half_precision(checkpoint["model"])
     if _megabytes(checkpoint["ema"]) + _megabytes(checkpoint["model"]) > MAX_SHIPPED_MB:
@@ -1590,10 +1791,9 @@ def _train_command(args) -> None:
     unet_config, recipe = RECIPES[args.recipe]
     config = dataclasses.replace(recipe, **{k: v for k, v in vars(args).items() if k in recipe.__dataclass_fields__ and v is not None})
     seed_everything(config.seed)
-    images, labels = load_fashion_mnist("train")
-    loader = make_dataloader(images, labels, config.batch_size, flip=config.flip, seed=config.seed)
-    resumable = Path(args.resume_file or DATA_DIR / "checkpoints" / f"{args.recipe}_{Path(args.out).name}")
-    checkpoint = train(UNet(**unet_config), loader, config, checkpoint_path=resumable, device=args.device)
+    model = UNet(**unet_config)
+    resumable = Path(args.resume_file or work_dir() / f"{args.recipe}_{Path(args.out).name}")
+    checkpoint = train(model, load_fashion_mnist("train")[0], config, checkpoint_path=resumable, device=args.device, mixed_precision=not args.fp32)
     export_checkpoint(resumable, args.out)
     print(f"trained {checkpoint['step']} steps in {checkpoint['wall_time_s'] / 60:.1f} min on {checkpoint['hardware']}; wrote {args.out}")
 
@@ -1677,6 +1877,7 @@ def main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("--loss-type", choices=LOSSES)
     train_parser.add_argument("--schedule", choices=SCHEDULES)
     train_parser.add_argument("--device", help="cuda, cpu, ... (default: the fastest available)")
+    train_parser.add_argument("--fp32", action="store_true", help="no mixed precision (default: bf16/fp16 where the hardware has it)")
 
     sample_parser = commands.add_parser("sample", help="draw samples from a checkpoint")
     evaluate_parser = commands.add_parser("evaluate", help="FID of a checkpoint's samples, the real-data floor, time per image")

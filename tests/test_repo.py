@@ -2,6 +2,7 @@
 requirements, and quick mode read from the environment."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -101,3 +102,36 @@ def test_requirements_name_a_torch_with_the_device_type_grad_scaler():
     torch_line = next(l for l in (ROOT / "requirements.txt").read_text().splitlines() if l.startswith("torch>="))
     minimum = tuple(int(part) for part in torch_line.split("#")[0].strip().removeprefix("torch>=").split("."))
     assert minimum >= (2, 3), "torch.amp.GradScaler(device_type, ...) needs torch 2.3"
+
+
+def readme_device_job() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Refreshing the published results", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return next(block for block in blocks if '"$OUT"' in block)
+
+
+def test_the_device_job_dry_runs_in_quick_mode(tmp_path):
+    """README's GPU job, run as written on a copy of the repository in quick mode: each notebook
+    executes in place and reaches $OUT with the model and the log, and quick mode ships nothing."""
+    job = readme_device_job()
+    assert len(job) < 2000, "the device tool takes commands of at most 2,000 characters"
+    copy = tmp_path / "course"
+    for name in subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split():
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes((ROOT / name).read_bytes())
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "DDPM_QUICK": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("DDPM_EXPORT", None)
+    done = subprocess.run(["bash", "-c", job], cwd=copy, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    names = ["04_training", "05_sampling", "06_ddim", "07_evaluation"]
+    assert {p.name for p in out.iterdir()} == {f"{n}.ipynb" for n in names} | {"fashion_mnist_ddpm.pt", "log"}
+    for name in names:
+        executed = json.loads((copy / "notebooks" / f"{name}.ipynb").read_text())
+        assert executed == json.loads((out / f"{name}.ipynb").read_text()), f"{name}: $OUT must hold the notebook as executed"
+        code = [c for c in executed["cells"] if c["cell_type"] == "code"]
+        assert all(c["execution_count"] for c in code), f"{name} did not run to the end"
+        assert not [o for c in code for o in c["outputs"] if o["output_type"] == "error"], name
+    assert (out / "fashion_mnist_ddpm.pt").read_bytes() == (ROOT / "data" / "pretrained" / "fashion_mnist_ddpm.pt").read_bytes()
+    assert "failed=0" in (out / "log").read_text()

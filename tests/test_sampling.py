@@ -137,3 +137,87 @@ def test_a_failing_model_is_still_given_back_in_training_mode():
     with pytest.raises(RuntimeError, match="boom"):
         p_sample_loop(model, SCHEDULE, (1, 1, 1, 1), progress=False)
     assert model.training
+
+
+class Overshooting(nn.Module):
+    """A noise predictor whose x0_hat leaves [-1, 1] wherever x_t is large: it predicts eps = -x_t."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t):
+        return -x_t
+
+
+@pytest.mark.parametrize("t, t_prev", [(999, 949), (500, 480), (20, 0), (5, -1), (0, -1)])
+def test_ddim_step_with_clip_recomputes_eps_from_the_clipped_x0(t, t_prev):
+    model = Overshooting()
+    x_t = torch.linspace(-3, 3, 2 * 1 * 4 * 4).view(2, 1, 4, 4)
+    ab = SCHEDULE.alphas_cumprod.double()
+    ab_t, ab_prev = ab[t], (ab[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64))
+    x0 = ((x_t.double() + (1 - ab_t).sqrt() * x_t.double()) / ab_t.sqrt())  # eps = -x_t in eq. 4 solved for x_0
+    assert (x0.abs() > 1).any()  # the clip acts
+    x0 = x0.clamp(-1, 1)
+    eps = (x_t.double() - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()  # the noise the clipped x_0 implies
+    expected = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+    got = ddim_step(model, SCHEDULE, x_t, t, t_prev, eta=0.0, clip_x0=True)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
+    if t_prev == -1:  # the last step returns the clipped x_0 itself
+        torch.testing.assert_close(got, x0.float(), rtol=1e-5, atol=1e-5)
+        assert got.abs().max() <= 1
+
+
+def test_ddim_step_without_clip_is_eq_12_with_the_raw_eps():
+    model = Overshooting()
+    x_t = torch.linspace(-3, 3, 16).view(1, 1, 4, 4)
+    t, t_prev = 500, 480
+    ab_t, ab_prev = SCHEDULE.alphas_cumprod[t], SCHEDULE.alphas_cumprod[t_prev]
+    x0 = SCHEDULE.sqrt_recip_alphas_cumprod[t] * x_t - SCHEDULE.sqrt_recipm1_alphas_cumprod[t] * (-x_t)
+    expected = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * (-x_t)
+    assert torch.equal(ddim_step(model, SCHEDULE, x_t, t, t_prev), expected)
+
+
+class NoParameters(nn.Module):
+    def forward(self, x_t, t):
+        return torch.zeros_like(x_t)
+
+
+def test_a_model_without_parameters_samples_on_the_schedules_device():
+    schedule = Schedule.from_name("cosine", 10)
+    for sampler in (lambda: p_sample_loop(NoParameters(), schedule, (2, 1, 2, 2), progress=False),
+                    lambda: ddim_sample(NoParameters(), schedule, (2, 1, 2, 2), steps=3, progress=False)):
+        x = sampler()
+        assert x.shape == (2, 1, 2, 2) and x.device == schedule.device
+
+
+def test_a_model_without_parameters_and_no_schedule_device_asks_for_device():
+    from ddpm_helpers import sampling_device
+
+    with pytest.raises(ValueError, match="device="):
+        sampling_device(NoParameters())
+
+
+def test_a_schedule_on_another_device_is_refused_with_a_clear_message():
+    schedule = Schedule.from_name("cosine", 10).to("meta")  # a stand-in for a GPU
+    for sampler in (lambda: p_sample_loop(MODEL, schedule, (2, 1, 2, 2), progress=False),
+                    lambda: ddim_sample(MODEL, schedule, (2, 1, 2, 2), steps=3, progress=False)):
+        with pytest.raises(ValueError, match=r"schedule is on meta but the model on cpu: call schedule\.to\('cpu'\)"):
+            sampler()
+    with pytest.raises(ValueError, match=r"schedule is on meta but x_t on cpu"):
+        p_sample(MODEL, schedule, torch.zeros(1, 1, 1, 1), 3)
+    with pytest.raises(ValueError, match=r"schedule is on meta but x_t on cpu"):
+        ddim_step(MODEL, schedule, torch.zeros(1, 1, 1, 1), 3, 1)
+    with pytest.raises(ValueError, match=r"model is on cpu but device='meta'"):
+        p_sample_loop(MODEL, schedule, (2, 1, 2, 2), device="meta", progress=False)
+
+
+def test_clipped_ddim_with_eta_one_step_is_the_clipped_ddpm_beta_tilde_step():
+    # holds because eps is recomputed from the clipped x0 (with the raw eps it would not)
+    model = Overshooting()
+    x_t = torch.linspace(-3, 3, 32).view(2, 1, 4, 4)
+    for t in (1, 500, 999):
+        ddpm = p_sample(model, SCHEDULE, x_t, t, variance="beta_tilde", clip_x0=True, generator=torch.Generator().manual_seed(t))
+        ddim = ddim_step(model, SCHEDULE, x_t, t, t - 1, eta=1.0, clip_x0=True, generator=torch.Generator().manual_seed(t))
+        # float32 rounding, divided by sqrt(1 - alpha-bar_t) ~ 0.015 at t = 1, differs by up to 3e-4; the raw eps by > 0.9
+        torch.testing.assert_close(ddim, ddpm, rtol=1e-3, atol=1e-3)

@@ -13,8 +13,8 @@ def test_linear_schedule_has_the_papers_endpoints_at_T_1000():
     assert betas.shape == (1000,)
     assert betas[0].item() == pytest.approx(1e-4)
     assert betas[-1].item() == pytest.approx(0.02)
-    steps = betas.diff()
-    assert torch.allclose(steps, steps[0].expand_as(steps))  # evenly spaced
+    steps = betas.diff()  # ~2e-5 each: compare relatively, as an absolute tolerance would hide errors
+    torch.testing.assert_close(steps, steps[0].expand_as(steps), rtol=1e-9, atol=0)  # evenly spaced
 
 
 @pytest.mark.parametrize("name", ["linear", "quadratic", "sigmoid"])
@@ -63,9 +63,10 @@ def test_schedule_quantities_match_their_definitions():
     s = Schedule.from_name("linear", 1000)
     betas = beta_schedule("linear", 1000)
     alphas_cumprod = torch.tensor([math.prod(1 - b for b in betas[: t + 1].tolist()) for t in (0, 1, 499, 999)], dtype=torch.float64)
-    assert torch.allclose(s.alphas_cumprod[[0, 1, 499, 999]].double(), alphas_cumprod, rtol=1e-5)
+    # alpha-bar_T is 4e-5: relative tolerances only (float32 rounding is a relative 6e-8)
+    torch.testing.assert_close(s.alphas_cumprod[[0, 1, 499, 999]].double(), alphas_cumprod, rtol=1e-7, atol=0)
     assert s.alphas_cumprod_prev[0] == 1 and torch.equal(s.alphas_cumprod_prev[1:], s.alphas_cumprod[:-1])
-    assert torch.allclose(s.sqrt_alphas_cumprod**2, s.alphas_cumprod)
+    torch.testing.assert_close(s.sqrt_alphas_cumprod**2, s.alphas_cumprod, rtol=1e-6, atol=0)
     assert torch.allclose(s.sqrt_one_minus_alphas_cumprod**2 + s.alphas_cumprod, torch.ones(1000))
     t = 500  # beta-tilde_t = (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t) beta_t, eq. 7
     expected = (1 - s.alphas_cumprod[t - 1]) / (1 - s.alphas_cumprod[t]) * s.betas[t]
@@ -75,6 +76,79 @@ def test_schedule_quantities_match_their_definitions():
     assert torch.isfinite(s.posterior_log_variance_clipped).all()
     x0_from = s.sqrt_recip_alphas_cumprod * s.sqrt_alphas_cumprod  # x_0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)
     assert torch.allclose(x0_from, torch.ones(1000), atol=1e-5)
+
+
+def float64_definitions(betas):
+    """Every stored quantity of Schedule, computed in float64 from the betas (index: zero-based code t)."""
+    alphas = 1 - betas
+    alphas_cumprod = torch.cumprod(alphas, 0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+    return dict(
+        betas=betas,
+        alphas=alphas,
+        alphas_cumprod=alphas_cumprod,
+        alphas_cumprod_prev=alphas_cumprod_prev,
+        sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+        sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
+        sqrt_recip_alphas=1 / alphas.sqrt(),
+        sqrt_recip_alphas_cumprod=1 / alphas_cumprod.sqrt(),
+        sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log(),
+        posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+        posterior_mean_coef2=(1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
+    )
+
+
+def assert_float32_of(stored, exact):
+    """``stored`` (float32) is ``exact`` (float64) up to float32 rounding: a relative 2**-24, whatever the size."""
+    torch.testing.assert_close(stored.double(), exact, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("T", [1000, 200])
+def test_schedule_stores_the_float64_values_rounded_to_float32(name, T):
+    s = Schedule.from_name(name, T)
+    for key, exact in float64_definitions(beta_schedule(name, T)).items():
+        assert getattr(s, key).dtype == torch.float32, key
+        assert_float32_of(getattr(s, key), exact)
+
+
+def test_a_ten_percent_error_in_the_first_beta_tilde_values_is_caught():
+    """beta-tilde_2 and beta-tilde_3 are 5e-5 and 9e-5: float32 default tolerances (atol=1e-5) miss a 10% error."""
+    s = Schedule.from_name("linear", 1000)
+    exact = float64_definitions(beta_schedule("linear", 1000))["posterior_variance"]
+    planted = exact.clone()
+    planted[1:3] *= 1.1  # code t = 1, 2: the paper's beta-tilde_2, beta-tilde_3
+    torch.testing.assert_close(planted.float(), s.posterior_variance)  # the loose comparison lets it through
+    with pytest.raises(AssertionError):
+        assert_float32_of(s.posterior_variance, planted)  # the relative one does not
+    with pytest.raises(AssertionError):
+        assert_float32_of(s.betas, exact * 1.1)  # nor does it miss a 10% error in beta_1 = 1e-4
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_snr_is_computed_in_float64(name):
+    s = Schedule.from_name(name, 1000)
+    alphas_cumprod = torch.cumprod(1 - beta_schedule(name, 1000), 0)
+    exact = alphas_cumprod / (1 - alphas_cumprod)
+    assert s.snr().dtype == torch.float64
+    torch.testing.assert_close(s.snr(), exact, rtol=1e-12, atol=0)
+    torch.testing.assert_close(s.to("cpu").snr(), exact, rtol=1e-12, atol=0)
+    # The same ratio from the stored float32 alpha-bar is off by a relative 1e-4 near t = 1 (1 - alpha-bar
+    # cancels) and by more than float64 rounding everywhere.
+    from_float32 = s.alphas_cumprod.double() / (1 - s.alphas_cumprod.double())
+    assert ((from_float32 / exact - 1).abs()[0]) > 1e-5
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(from_float32, exact, rtol=1e-12, atol=0)
+
+
+def test_first_and_last_snr_in_float64():
+    s = Schedule.from_name("linear", 1000)
+    assert s.snr()[0].item() == pytest.approx((1 - 1e-4) / 1e-4, rel=1e-10)  # SNR at paper t = 1 is alpha_1 / beta_1
+    alpha_bar_T = math.prod(1 - b for b in beta_schedule("linear", 1000).tolist())
+    assert s.snr()[-1].item() == pytest.approx(alpha_bar_T / (1 - alpha_bar_T), rel=1e-12)
 
 
 def test_schedule_gathers_a_batch_of_timesteps_for_broadcasting():

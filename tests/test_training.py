@@ -12,7 +12,7 @@ from PIL import Image
 
 import ddpm_helpers
 from ddpm_helpers import (
-    Schedule, TrainConfig, UNet, load_checkpoint, main, make_dataloader, make_ema, p_losses, read_checkpoint, train,
+    Schedule, TrainConfig, UNet, load_checkpoint, main, make_ema, p_losses, read_checkpoint, train,
 )  # fmt: skip
 
 TINY = dict(
@@ -27,10 +27,9 @@ def tiny_model(seed=0, **changes):
     return UNet(**{**TINY, **changes})
 
 
-def tiny_loader(n=32):
+def tiny_images(n=32):
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(n, 1, 8, 8, generator=generator) * 2 - 1
-    return make_dataloader(images, torch.zeros(n, dtype=torch.long), batch_size=8, subset=n)
+    return ddpm_helpers.uint8_to_model(torch.randint(0, 256, (n, 1, 8, 8), generator=generator))
 
 
 class Zero(torch.nn.Module):
@@ -98,7 +97,7 @@ def test_ema_moves_toward_the_model_at_the_decay_rate():
 
 def test_training_writes_a_checkpoint_that_round_trips(tmp_path):
     path = tmp_path / "run.pt"
-    result = train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    result = train(tiny_model(), tiny_images(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
     assert result["step"] == 4 and len(result["losses"]) == 4
     assert not list(tmp_path.glob("*.partial"))  # written atomically
     model, schedule, checkpoint = load_checkpoint(path)
@@ -112,9 +111,9 @@ def test_training_writes_a_checkpoint_that_round_trips(tmp_path):
 
 def test_training_resumes_its_step_count_and_optimizer_state(tmp_path):
     path = tmp_path / "run.pt"
-    train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    train(tiny_model(), tiny_images(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
     longer = dataclasses.replace(TINY_TRAINING, steps=6)
-    result = train(tiny_model(seed=1), tiny_loader(), longer, checkpoint_path=path, device="cpu", progress=False)
+    result = train(tiny_model(seed=1), tiny_images(), longer, checkpoint_path=path, device="cpu", progress=False)
     assert result["step"] == 6 and len(result["losses"]) == 6
     adam_steps = {state["step"].item() for state in result["optimizer"]["state"].values()}
     assert adam_steps == {6.0}
@@ -123,16 +122,16 @@ def test_training_resumes_its_step_count_and_optimizer_state(tmp_path):
 
 def test_resuming_with_another_recipe_is_refused(tmp_path):
     path = tmp_path / "run.pt"
-    train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    train(tiny_model(), tiny_images(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
     with pytest.raises(ValueError, match="lr: checkpoint 0.0002, here 0.001"):
-        train(tiny_model(), tiny_loader(), dataclasses.replace(TINY_TRAINING, lr=1e-3), checkpoint_path=path, device="cpu", progress=False)
+        train(tiny_model(), tiny_images(), dataclasses.replace(TINY_TRAINING, lr=1e-3), checkpoint_path=path, device="cpu", progress=False)
 
 
 def test_resuming_may_change_how_long_and_how_often_to_report(tmp_path):
     path = tmp_path / "run.pt"
-    train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    train(tiny_model(), tiny_images(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
     changed = dataclasses.replace(TINY_TRAINING, steps=5, sample_every=7, checkpoint_every=1)
-    result = train(tiny_model(), tiny_loader(), changed, checkpoint_path=path, device="cpu", progress=False)
+    result = train(tiny_model(), tiny_images(), changed, checkpoint_path=path, device="cpu", progress=False)
     assert result["step"] == 5 and read_checkpoint(path)["train_config"]["checkpoint_every"] == 1
 
 
@@ -141,19 +140,19 @@ def test_a_non_finite_loss_stops_training():
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="step 0"):
-        train(model, tiny_loader(), TINY_TRAINING, device="cpu", progress=False)
+        train(model, tiny_images(), TINY_TRAINING, device="cpu", progress=False)
 
 
 def test_sample_grids_come_from_the_training_loop():
     grids = []
     config = dataclasses.replace(TINY_TRAINING, sample_every=2)
-    train(tiny_model(), tiny_loader(), config, on_sample=lambda step, x: grids.append((step, x.shape)), num_samples=4, device="cpu", progress=False)
+    train(tiny_model(), tiny_images(), config, on_sample=lambda step, x: grids.append((step, x.shape)), num_samples=4, device="cpu", progress=False)
     assert grids == [(2, (4, 1, 8, 8)), (4, (4, 1, 8, 8))]
 
 
 def test_loading_into_another_configuration_names_the_difference(tmp_path):
     path = tmp_path / "run.pt"
-    train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    train(tiny_model(), tiny_images(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
     with pytest.raises(ValueError, match="base_channels: checkpoint 8, here 16"):
         load_checkpoint(path, model=tiny_model(base_channels=16))
 
@@ -168,7 +167,7 @@ def test_files_that_are_not_course_checkpoints_are_refused(tmp_path):
 def shipped(tmp_path_factory):
     """A tiny trained checkpoint, exported the way data/pretrained/ files are."""
     folder = tmp_path_factory.mktemp("ckpt")
-    train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=folder / "run.pt", device="cpu", progress=False)
+    train(tiny_model(), tiny_images(), TINY_TRAINING, checkpoint_path=folder / "run.pt", device="cpu", progress=False)
     return ddpm_helpers.export_checkpoint(folder / "run.pt", folder / "tiny.pt")
 
 
@@ -234,7 +233,94 @@ def test_the_default_model_ships_within_20_mb_in_half_precision(tmp_path):
 def test_mixed_precision_uses_bf16_only_on_gpus_built_for_it(monkeypatch, capability, dtype):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert ddpm_helpers.autocast_dtype(torch.device("cuda")) == dtype
-    assert ddpm_helpers.autocast_dtype(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, None)])
+def test_cpus_use_bf16_only_where_it_is_native(monkeypatch, native, dtype):
+    monkeypatch.setattr(ddpm_helpers, "has_native_bf16", lambda: native)
+    assert ddpm_helpers.autocast_dtype(torch.device("cpu")) == dtype
+    assert ddpm_helpers.autocast_dtype(torch.device("mps")) is None
+
+
+@pytest.mark.parametrize("flags, native", [("fpu sse2 avx512f avx512_bf16 avx512vl", True), ("fpu amx_bf16 amx_tile", True), ("fpu sse2 avx2 avx512f", False)])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert ddpm_helpers.has_native_bf16(cpuinfo) is native
+    assert ddpm_helpers.has_native_bf16(tmp_path / "absent") is False
+
+
+def plain_algorithm_1(model, images, config):
+    """Algorithm 1 written the plain way: read the loss every step, Adam without fusing, no EMA."""
+    model.train()
+    schedule = Schedule.from_name(config.schedule, config.timesteps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps))
+    data = ddpm_helpers.TrainingSet(images, flip=config.flip, seed=config.seed)
+    ddpm_helpers.seed_everything(config.seed)
+    losses = []
+    for _ in range(config.steps):
+        loss = p_losses(model, schedule, data.batch(config.batch_size), loss_type=config.loss_type)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        warmup.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_the_fast_loop_gives_the_plain_loops_loss_curve(monkeypatch):
+    """Losses read in windows, fused Adam and the EMA change nothing the loss curve shows; and
+    mixed_precision=False keeps float32 even where bf16 is native (bf16 would move the losses by ~1e-3)."""
+    monkeypatch.setattr(ddpm_helpers, "has_native_bf16", lambda: True)
+    monkeypatch.setattr(ddpm_helpers, "LOG_EVERY", 3)
+    config = dataclasses.replace(TINY_TRAINING, steps=12, lr=1e-3)
+    fast = train(tiny_model(), tiny_images(), config, device="cpu", progress=False, mixed_precision=False)["losses"]
+    plain = plain_algorithm_1(tiny_model(), tiny_images(), config)
+    assert len(fast) == 12 and plain[-1] < plain[0]
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-5, atol=0)
+
+
+def test_a_resumed_run_continues_exactly_as_an_uninterrupted_one(tmp_path):
+    straight = train(tiny_model(), tiny_images(), TINY_TRAINING, device="cpu", progress=False, mixed_precision=False)
+    half = dataclasses.replace(TINY_TRAINING, steps=2)
+    train(tiny_model(), tiny_images(), half, checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False, mixed_precision=False)
+    resumed = train(tiny_model(seed=1), tiny_images(), TINY_TRAINING, checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False, mixed_precision=False)
+    assert resumed["losses"] == straight["losses"]  # the same batches, timesteps and noise after the resume
+    for key, weight in straight["ema"].items():
+        torch.testing.assert_close(resumed["ema"][key], weight, rtol=0, atol=0)
+
+
+def test_a_late_non_finite_loss_stops_training_before_it_is_saved(tmp_path, monkeypatch):
+    """Losses are read every LOG_EVERY steps: a NaN at step 4 is caught by the read after step 6, and
+    the checkpoint due at step 6 is never written with the ruined weights."""
+    monkeypatch.setattr(ddpm_helpers, "LOG_EVERY", 3)
+    model, calls = tiny_model(), []
+
+    def poison_step_4(module, inputs, output):
+        calls.append(1)
+        return output * float("nan") if len(calls) == 5 else output
+
+    model.register_forward_hook(poison_step_4)
+    config = dataclasses.replace(TINY_TRAINING, steps=10, checkpoint_every=6)
+    with pytest.raises(FloatingPointError, match="the loss became nan at step 4"):
+        train(model, tiny_images(), config, checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False)
+    assert not (tmp_path / "run.pt").exists()
+
+
+def test_training_images_stay_8_bit_on_the_device_and_batches_flip_half_the_time():
+    images = torch.linspace(-1, 1, 28).repeat(512, 1, 28, 1)  # every row a ramp from black to white
+    data = ddpm_helpers.TrainingSet(images, flip=True)
+    assert data.pixels.dtype == torch.uint8 and len(data) == 512
+    torch.manual_seed(0)
+    batch = data.batch(4000)
+    flipped = (batch[:, 0, 0, 0] > 0).float().mean().item()  # a mirrored ramp starts white
+    assert 0.45 < flipped < 0.55
+    torch.testing.assert_close(batch[0], ddpm_helpers.uint8_to_model(data.pixels[0]).flip(-1) if batch[0, 0, 0, 0] > 0 else ddpm_helpers.uint8_to_model(data.pixels[0]))
+    assert (ddpm_helpers.TrainingSet(images, flip=False).batch(100)[:, 0, 0, 0] < 0).all()
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        ddpm_helpers.TrainingSet(images * 255)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -243,12 +329,37 @@ def test_the_mixed_precision_path_trains_and_resumes_its_grad_scaler(tmp_path, m
     dtypes: losses stay finite, the weights stay float32, and the scaler's state survives a resume."""
     monkeypatch.setattr(ddpm_helpers, "autocast_dtype", lambda device: dtype)
     path = tmp_path / "run.pt"
-    train(tiny_model(), tiny_loader(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    train(tiny_model(), tiny_images(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
     longer = dataclasses.replace(TINY_TRAINING, steps=6)
-    result = train(tiny_model(), tiny_loader(), longer, checkpoint_path=path, device="cpu", progress=False)
+    result = train(tiny_model(), tiny_images(), longer, checkpoint_path=path, device="cpu", progress=False)
     assert all(torch.isfinite(torch.tensor(result["losses"])))
     assert all(weight.dtype == torch.float32 for weight in result["model"].values() if weight.is_floating_point())
     if dtype == torch.float16:  # six unskipped steps at the initial scale: the tracker counts them all
         assert result["scaler"]["scale"] == 2.0**16 and result["scaler"]["_growth_tracker"] == 6
     else:  # bf16 has float32's range and needs no loss scaling
         assert result["scaler"] == {}
+
+
+def test_later_notebooks_prefer_your_export_then_the_environment_then_the_shipped_model(tmp_path, monkeypatch, shipped, capsys):
+    monkeypatch.setenv("DDPM_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.delenv("DDPM_MODEL", raising=False)
+    assert ddpm_helpers.choose_model_file() == (ddpm_helpers.SHIPPED_CHECKPOINT, "shipped with the course; notebook 04 trains and exports your own")
+    monkeypatch.setenv("DDPM_MODEL", str(shipped))
+    assert ddpm_helpers.choose_model_file()[0] == shipped
+    model, schedule, _ = ddpm_helpers.load_course_model(device="cpu")
+    assert f"model: {shipped} (the file named by $DDPM_MODEL)" in capsys.readouterr().out
+    assert model.config["image_size"] == 8 and schedule.timesteps == 50
+    export = ddpm_helpers.student_model_path()
+    assert export == tmp_path / "work" / "my_fashion_mnist_ddpm.pt"
+    export.parent.mkdir()
+    export.write_bytes(shipped.read_bytes())
+    assert ddpm_helpers.choose_model_file() == (export, "your model, exported by notebook 04")
+    monkeypatch.setenv("DDPM_MODEL", str(tmp_path / "missing.pt"))
+    export.unlink()
+    with pytest.raises(FileNotFoundError, match="missing.pt, which does not exist"):
+        ddpm_helpers.choose_model_file()
+
+
+def test_the_work_dir_defaults_to_data_checkpoints(monkeypatch):
+    monkeypatch.delenv("DDPM_WORK_DIR", raising=False)
+    assert ddpm_helpers.work_dir() == ddpm_helpers.DATA_DIR / "checkpoints"

@@ -147,6 +147,35 @@ def test_config_is_plain_data_and_defaults_match():
     assert count_parameters(UNet(**QUICK_UNET_CONFIG)) < count_parameters(UNet(**DEFAULT_UNET_CONFIG)) / 10
 
 
+def test_default_attention_builds_for_any_valid_size():
+    """attention_resolutions=None (the default) puts full attention at the lowest resolution, so the
+    default U-Net builds for 32x32 RGB images too, not only for 28x28."""
+    torch.manual_seed(0)
+    model = UNet(image_channels=3, image_size=32).eval()
+    assert model.config["attention_resolutions"] == [8]  # 32 -> 16 -> 8
+    assert all(isinstance(a, Attention) for a in model.down[2]["attentions"])
+    x, t = batch(model, size=1)
+    with torch.no_grad():
+        assert model(x, t).shape == (1, 3, 32, 32)
+    assert UNet(**model.config).config == model.config  # the stored config rebuilds it
+
+
+def test_default_28x28_unet_is_unchanged():
+    """Checkpoints store model.config with attention_resolutions=[7]: the default must build the same
+    modules, with the same names and parameter count, as it always has."""
+    default, explicit = UNet(), UNet(**DEFAULT_UNET_CONFIG)
+    assert default.config["attention_resolutions"] == [7]
+    assert [type(a) for level in default.down for a in level["attentions"]] == [torch.nn.Identity] * 4 + [Attention] * 2
+    assert count_parameters(default) == count_parameters(explicit) == 5_620_609
+    shapes = {name: p.shape for name, p in default.state_dict().items()}
+    assert shapes == {name: p.shape for name, p in explicit.state_dict().items()}
+
+
+def test_impossible_attention_resolution_is_still_rejected():
+    with pytest.raises(ValueError, match=r"attention_resolutions contains 7, .* resolutions \[32, 16, 8\]"):
+        UNet(image_channels=3, image_size=32, attention_resolutions=[7])
+
+
 def test_sinusoidal_embedding_shape_and_values():
     t = torch.tensor([0, 1, 10, 999])
     emb = sinusoidal_embedding(t, 16)
