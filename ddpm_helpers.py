@@ -752,6 +752,9 @@ def check_unet_config(config: dict) -> None:
         )
     if not 0 <= config["dropout"] < 1:
         raise ValueError(f"dropout must lie in [0, 1), got {config['dropout']!r}")
+    num_classes = config.get("num_classes")  # absent: unconditional, as in every checkpoint before guidance
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be None (unconditional) or a positive int, got {num_classes!r}")
     size, factor = config["image_size"], 2 ** (len(mults) - 1)
     if size % factor:
         raise ValueError(
@@ -797,6 +800,16 @@ class UNet(nn.Module):
     7x7 (49 pixels, where it is cheap), dropout 0.1 as in Ho et al. for CIFAR-10: 5.6 M parameters.
     Three levels suffice for 28x28 (7x7 already sees the whole image with a few 3x3 convs); a third
     halving would give 3.5x3.5. See notebook 03 for the measurements behind the choice.
+
+    ``num_classes=K`` makes it eps_theta(x_t, t, c) for classifier-free guidance (Ho & Salimans 2022,
+    notebook 08): a learned embedding of the class c, added to the time embedding, with K + 1 rows, where
+    row K is the null label (no class), ``model.null_label``. Its rows start as N(0, I) draws, as in
+    Dhariwal & Nichol's and diffusers' class embeddings, of a size comparable to the time embedding's:
+    a zero start learns the classes far more slowly (Adam moves each weight by about the learning rate
+    per step, and the class signal in one batch is weak). Such a model must be called as
+    ``model(x, t, labels)`` with ``(B,)`` long labels in 0..K; ask for the unconditional prediction with
+    ``torch.full((B,), model.null_label)``. ``num_classes=None`` (the default) is the unconditional network,
+    whose ``config`` has no ``num_classes`` key, so that checkpoints written before guidance still compare equal.
     """
 
     def __init__(
@@ -811,6 +824,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         block_type: str = "resnet",
         norm_groups: int = 8,
+        num_classes: int | None = None,
     ):
         super().__init__()
         self.config = dict(
@@ -825,6 +839,8 @@ class UNet(nn.Module):
             block_type=block_type,
             norm_groups=norm_groups,
         )
+        if num_classes is not None:
+            self.config["num_classes"] = num_classes
         check_unet_config(self.config)
         widths = [base_channels * m for m in channel_mults]
         resolutions = unet_resolutions(image_size, len(widths))
@@ -845,6 +861,9 @@ class UNet(nn.Module):
             return nn.Identity()
 
         self.time_embedding = TimeEmbedding(base_channels, time_dim)
+        self.null_label = num_classes  # the label meaning "no class"; None for an unconditional model
+        if num_classes is not None:
+            self.class_embedding = nn.Embedding(num_classes + 1, time_dim)
         self.stem = nn.Conv2d(image_channels, base_channels, 3, padding=1)
         self.down, channels = nn.ModuleList(), base_channels
         for level, (width, resolution) in enumerate(zip(widths, resolutions)):
@@ -884,9 +903,11 @@ class UNet(nn.Module):
             nn.GroupNorm(norm_groups, channels), nn.SiLU(), nn.Conv2d(channels, image_channels, 3, padding=1)
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.check_inputs(x, t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_inputs(x, t, labels)
         time_emb = self.time_embedding(t)
+        if labels is not None:  # the class c (or null) conditions every block through the time embedding
+            time_emb = time_emb + self.class_embedding(labels)
         h, skips = self.stem(x), []
         for level in self.down:
             for block, attention in zip(level["blocks"], level["attentions"]):
@@ -900,8 +921,9 @@ class UNet(nn.Module):
             h = level["resample"](h)
         return self.head(h)
 
-    def check_inputs(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        """Raise unless ``x`` is ``(B, image_channels, image_size, image_size)`` and ``t`` is ``(B,)``."""
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Raise unless ``x`` is ``(B, image_channels, image_size, image_size)``, ``t`` is ``(B,)`` and
+        ``labels`` is ``(B,)`` long in 0..num_classes for a conditional model and None for an unconditional one."""
         check_images(x)
         channels, size = self.config["image_channels"], self.config["image_size"]
         if x.shape[1:] != (channels, size, size):
@@ -911,6 +933,19 @@ class UNet(nn.Module):
             )
         if not isinstance(t, torch.Tensor) or t.shape != (len(x),):
             raise ValueError(f"t must be a tensor of shape ({len(x)},), one timestep per image, got {t!r:.80}")
+        k = self.null_label
+        if k is None:
+            if labels is not None:
+                raise ValueError("this UNet is unconditional (num_classes=None): call it without labels")
+            return
+        expected = f"a long tensor of shape ({len(x)},) with values in 0..{k} (classes 0..{k - 1}, {k} = null_label)"
+        if labels is None:
+            raise ValueError(f"this UNet is conditional on {k} classes: labels must be {expected}, got None")
+        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.shape != (len(x),):
+            got = f"{labels.dtype} of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be {expected}, got {got}")
+        if len(labels) and (labels.min() < 0 or labels.max() > k):
+            raise ValueError(f"labels must be {expected}, got values from {labels.min().item()} to {labels.max().item()}")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -951,12 +986,15 @@ def p_losses(
     noise: torch.Tensor | None = None,
     loss_type: str = "l2",
     reduction: str = "mean",
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The simplified objective L_simple (paper eq. 14) for a batch of clean images ``x0``.
 
     Draws ``t`` uniformly from ``0..T-1`` and ``noise`` ~ N(0, I) unless given, noises ``x0`` with
     :func:`q_sample` and compares the model's noise prediction with the true noise. ``loss_type`` is
     ``l2`` (= ``mse``, the paper's), ``l1`` or ``huber``. ``reduction="none"`` gives one loss per image.
+    ``labels`` ``(B,)`` are the classes c of a conditional model, eps_theta(x_t, t, c) (some may be
+    the null label: :func:`drop_labels`).
     """
     if loss_type not in LOSSES:
         raise ValueError(f"unknown loss {loss_type!r}; expected one of {', '.join(LOSSES)}")
@@ -966,7 +1004,8 @@ def p_losses(
         t = torch.randint(0, schedule.timesteps, (len(x0),), device=x0.device)
     if noise is None:
         noise = torch.randn_like(x0)
-    predicted = model(q_sample(schedule, x0, t, noise), t)
+    x_t = q_sample(schedule, x0, t, noise)
+    predicted = model(x_t, t) if labels is None else model(x_t, t, labels)
     if loss_type == "l1":
         loss = F.l1_loss(predicted, noise, reduction="none")
     elif loss_type == "huber":
@@ -991,6 +1030,7 @@ class TrainConfig:
     schedule: str = "linear"
     timesteps: int = 1000
     flip: bool = True  # random horizontal flips (paper, for CIFAR-10)
+    p_uncond: float = 0.1  # conditional models only: P(label -> null), Ho & Salimans 2022 (0.1-0.2)
     sample_every: int = 2_000
     checkpoint_every: int = 1_000
     seed: int = 0
@@ -1043,27 +1083,44 @@ class TrainingSet:
     47 MB), with batches and flips drawn there: no DataLoader, no copy from the host at each step.
     A batch is ``batch_size`` images drawn at random with replacement and each flipped left-right
     with probability 1/2 (if ``flip``), from PyTorch's global generator of the device, so the saved
-    random state alone says what comes next. In quick mode only ``QUICK_SUBSET`` images are kept."""
+    random state alone says what comes next. In quick mode only ``QUICK_SUBSET`` images are kept.
+    Optional ``labels`` ``(N,)`` (long) stay on the device too, and then a batch comes with its labels."""
 
-    def __init__(self, images: torch.Tensor, flip: bool = False, device="cpu", subset: int | None = None, seed: int = 0):
+    def __init__(self, images: torch.Tensor, flip: bool = False, device="cpu", subset: int | None = None, seed: int = 0, labels: torch.Tensor | None = None):
         check_images(images, "images", check_range=True)
+        if labels is not None and (labels.dtype != torch.long or labels.shape != (len(images),)):
+            raise ValueError(f"labels must be a long tensor of shape ({len(images)},), one per image, got {labels.dtype} of shape {tuple(labels.shape)}")
         subset = subset or by_mode(None, QUICK_SUBSET)
         if subset is not None and subset < len(images):
-            images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:subset]]
+            keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:subset]
+            images, labels = images[keep], None if labels is None else labels[keep]
         self.pixels = model_to_uint8(images).to(device)
+        self.labels = None if labels is None else labels.to(device)
         self.flip = flip
 
     def __len__(self) -> int:
         return len(self.pixels)
 
-    def batch(self, batch_size: int) -> torch.Tensor:
-        """``batch_size`` random training images in [-1, 1], on the device."""
+    def batch(self, batch_size: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` random training images in [-1, 1], on the device; with labels, ``(images, labels)``."""
         index = torch.randint(len(self.pixels), (batch_size,), device=self.pixels.device)
         x0 = uint8_to_model(self.pixels[index])
         if self.flip:
             mirrored = torch.rand(batch_size, 1, 1, 1, device=x0.device) < 0.5
             x0 = torch.where(mirrored, x0.flip(-1), x0)
-        return x0
+        return x0 if self.labels is None else (x0, self.labels[index])
+
+
+def drop_labels(labels: torch.Tensor, p_uncond: float, null_label: int) -> torch.Tensor:
+    """Classifier-free guidance training (Ho & Salimans 2022, Algorithm 1): each label becomes
+    ``null_label`` with probability ``p_uncond``, so that one network learns both eps(x_t, t, c) and the
+    unconditional eps(x_t, t, null)."""
+    return labels.masked_fill(torch.rand(labels.shape, device=labels.device) < p_uncond, null_label)
+
+
+def cycled_labels(num: int, num_classes: int) -> torch.Tensor:
+    """Labels 0, 1, .., K-1, 0, 1, .. for ``num`` samples: every class in turn."""
+    return torch.arange(num) % num_classes
 
 
 LOG_EVERY = 50  # steps between reads of the losses from the device (one host sync per read)
@@ -1104,6 +1161,7 @@ def train(
     device: torch.device | str | None = None,
     progress: bool = True,
     mixed_precision: bool = True,
+    labels: torch.Tensor | None = None,
 ) -> dict:
     """Algorithm 1: repeat { x_0 ~ data; t ~ U{0..T-1}; eps ~ N(0, I); step on ||eps - eps_theta||^2 }.
 
@@ -1116,11 +1174,20 @@ def train(
     it exactly where it stopped. The losses stay on the device and are read every ``LOG_EVERY`` steps
     (and before a sample grid or checkpoint); a non-finite one stops training with an error, at most
     that many steps late and before anything is saved. Returns the checkpoint dictionary.
+
+    A conditional UNet (``num_classes=K``) trains on ``labels`` ``(N,)`` in 0..K-1, one per image, each
+    replaced by the null label with probability ``config.p_uncond`` (:func:`drop_labels`); its sample
+    grids show the classes in turn (:func:`cycled_labels`), without guidance.
     """
     device = torch.device(device or get_device())
+    k = model.config.get("num_classes")
+    if k is None and labels is not None:
+        raise ValueError("labels were given, but the UNet is unconditional (num_classes=None)")
+    if k is not None and (labels is None or labels.min() < 0 or labels.max() >= k):
+        raise ValueError(f"a UNet conditional on {k} classes trains with labels: a (N,) long tensor with values in 0..{k - 1}")
     model.to(device).train()
     schedule = Schedule.from_name(config.schedule, config.timesteps).to(device)
-    data = TrainingSet(images, flip=config.flip, device=device, seed=config.seed)
+    data = TrainingSet(images, flip=config.flip, device=device, seed=config.seed, labels=labels)
     ema = make_ema(model, config.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps))
@@ -1141,9 +1208,13 @@ def train(
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
 
     for step in bar:
-        x0 = data.batch(config.batch_size)
+        if labels is None:
+            x0, c = data.batch(config.batch_size), None
+        else:
+            x0, c = data.batch(config.batch_size)
+            c = drop_labels(c, config.p_uncond, model.null_label)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = p_losses(model, schedule, x0, loss_type=config.loss_type)
+            loss = p_losses(model, schedule, x0, loss_type=config.loss_type, labels=c)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -1159,7 +1230,8 @@ def train(
         if sample_now or save_now or state["step"] - len(state["losses"]) == LOG_EVERY or state["step"] == config.steps:
             read_losses(state["step"] - len(state["losses"]))
         if sample_now:
-            on_sample(state["step"], p_sample_loop(ema.module, schedule, (num_samples, *x0.shape[1:]), progress=False))
+            grid_labels = None if labels is None else cycled_labels(num_samples, k)
+            on_sample(state["step"], p_sample_loop(ema.module, schedule, (num_samples, *x0.shape[1:]), progress=False, labels=grid_labels))
         if save_now:
             state["wall_time_s"] = time.perf_counter() - started
             save_checkpoint(checkpoint_path, model, ema, config, state, optimizer, warmup, scaler)
@@ -1197,10 +1269,13 @@ def save_checkpoint(path, model, ema, config, state, optimizer=None, warmup=None
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint dictionary safely (``weights_only=True``: tensors and plain data only)."""
+    """Load a checkpoint dictionary safely (``weights_only=True``: tensors and plain data only).
+    Checkpoints written before guidance lack ``p_uncond``, which unconditional training ignores: it
+    reads as the default, so that they compare equal to today's recipes."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint of this course (expected format {CHECKPOINT_FORMAT!r})")
+    checkpoint["train_config"].setdefault("p_uncond", TrainConfig.p_uncond)
     return checkpoint
 
 
@@ -1234,6 +1309,18 @@ def _resume(path, model, ema, optimizer, warmup, scaler, config, device) -> dict
     else:  # written before checkpoints kept the random state: at least do not repeat the draws done
         seed_everything(config.seed + checkpoint["step"])
     return {key: checkpoint[key] for key in ("step", "losses", "wall_time_s")}
+
+
+def conditional_from_unconditional(path: str | Path, num_classes: int) -> UNet:
+    """A UNet conditional on ``num_classes`` classes with every weight of the trained unconditional model
+    in ``path`` (its EMA weights) and a new, random class embedding: a warm start, cheaper than training
+    from scratch. Training must first absorb the class vectors, which shift the time embedding."""
+    unconditional, _, checkpoint = load_checkpoint(path)
+    if unconditional.null_label is not None:
+        raise ValueError(f"{path} holds a conditional model already ({unconditional.null_label} classes)")
+    model = UNet(**checkpoint["model_config"], num_classes=num_classes)
+    model.load_state_dict({**model.state_dict(), **unconditional.state_dict()})  # all but the class embedding
+    return model
 
 
 def load_checkpoint(path: str | Path, model: nn.Module | None = None, weights: str = "ema", device="cpu"):
@@ -1349,13 +1436,41 @@ def reverse_variance(schedule: Schedule, t: torch.Tensor, variance: str = "beta"
     return values[t].view(-1, *([1] * (ndim - 1)))
 
 
-def p_mean_variance(model, schedule, x_t, t: torch.Tensor, variance="beta", clip_x0=False) -> tuple[torch.Tensor, torch.Tensor]:
+def guided_eps(model, x_t, t: torch.Tensor, labels=None, guidance=0.0) -> torch.Tensor:
+    """The noise prediction the samplers use. Unconditional (``labels=None``): eps_theta(x_t, t).
+    Conditional, classifier-free guidance (Ho & Salimans 2022, eq. 6):
+
+        eps~ = (1 + w) eps_theta(x_t, t, c) - w eps_theta(x_t, t, null)
+
+    with classes ``labels`` ``(B,)`` and ``guidance`` w in Ho & Salimans' convention: w = 0 is the plain
+    conditional model (one forward pass of the batch), w > 0 pushes each sample towards its class and
+    away from the others. diffusers and Imagen write the same as eps_null + s (eps_c - eps_null) with
+    ``guidance_scale`` s = 1 + w. For w != 0 both predictions come from ONE forward pass of the doubled
+    batch: images [x_t, x_t] with labels [c, null] (``model.null_label``)."""
+    if labels is None:
+        if guidance:
+            raise ValueError(f"guidance={guidance} needs labels: guidance steers a conditional model towards classes")
+        return model(x_t, t)
+    if model.null_label is None:
+        raise ValueError("labels need a conditional model (a UNet built with num_classes); this one is unconditional")
+    labels = labels.to(x_t.device)
+    if guidance == 0:
+        return model(x_t, t, labels)
+    null = torch.full_like(labels, model.null_label)
+    eps_c, eps_null = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+    return (1 + guidance) * eps_c - guidance * eps_null
+
+
+def p_mean_variance(
+    model, schedule, x_t, t: torch.Tensor, variance="beta", clip_x0=False, labels=None, guidance=0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of p_theta(x_{t-1} | x_t) for a batch with timesteps ``t`` ``(B,)``.
 
     The mean is eq. 11 computed from the predicted noise or, with ``clip_x0``, the posterior mean
-    (eq. 7) at the predicted x_0 clipped to [-1, 1]; the variance is :func:`reverse_variance`.
+    (eq. 7) at the predicted x_0 clipped to [-1, 1]; the variance is :func:`reverse_variance`. A
+    conditional model takes ``labels`` and ``guidance`` (:func:`guided_eps`).
     """
-    eps = model(x_t, t)
+    eps = guided_eps(model, x_t, t, labels, guidance)
     if clip_x0:
         mean, _ = q_posterior(schedule, predict_x0(schedule, x_t, t, eps).clamp(-1, 1), x_t, t)
     else:
@@ -1393,19 +1508,19 @@ def sampling_device(model: nn.Module, schedule: Schedule | None = None, device=N
 
 
 @torch.inference_mode()
-def p_sample(model, schedule, x_t, t: int, variance="beta", clip_x0=False, generator=None) -> torch.Tensor:
+def p_sample(model, schedule, x_t, t: int, variance="beta", clip_x0=False, generator=None, labels=None, guidance=0.0) -> torch.Tensor:
     """One reverse step x_t -> x_{t-1} (Algorithm 2, lines 3-4; code ``t`` is zero-based).
 
     Draws from p_theta(x_{t-1} | x_t) of :func:`p_mean_variance`: its mean plus sigma_t z, where
     sigma_t^2 is ``beta`` (beta_t) or ``beta_tilde`` (beta-tilde_t). At ``t = 0`` the mean is
-    returned without noise.
+    returned without noise. ``labels`` and ``guidance``: :func:`guided_eps`.
     """
     check_variance(variance)
     if not 0 <= t < schedule.timesteps:
         raise ValueError(f"t must lie in 0..{schedule.timesteps - 1} (zero-based), got {t}")
     check_schedule_device(schedule, x_t.device, "x_t")
     t_batch = torch.full((len(x_t),), t, device=x_t.device, dtype=torch.long)
-    mean, sigma_squared = p_mean_variance(model, schedule, x_t, t_batch, variance, clip_x0)
+    mean, sigma_squared = p_mean_variance(model, schedule, x_t, t_batch, variance, clip_x0, labels, guidance)
     if t == 0:
         return mean
     return mean + sigma_squared.sqrt() * _noise_like(x_t, generator)
@@ -1442,15 +1557,19 @@ def p_sample_loop(
     x_T=None,
     device=None,
     progress=True,
+    labels=None,
+    guidance=0.0,
 ) -> torch.Tensor:
     """Algorithm 2: x_T ~ N(0, I) (or the given ``x_T``), then T reverse steps down to x_0.
 
     Returns x_0 of ``shape``, or with ``return_all`` all T + 1 states ``(T + 1, *shape)`` on the CPU,
-    starting with the pure noise x_T. Sampling runs in eval mode, without building a graph."""
+    starting with the pure noise x_T. Sampling runs in eval mode, without building a graph. A
+    conditional model draws image i of class ``labels[i]``, with classifier-free ``guidance`` w
+    (:func:`guided_eps`)."""
     check_variance(variance)
 
     def step(x, t):
-        return p_sample(model, schedule, x, t, variance, clip_x0, generator)
+        return p_sample(model, schedule, x, t, variance, clip_x0, generator, labels, guidance)
 
     timesteps = range(schedule.timesteps - 1, -1, -1)
     return reverse_chain(model, shape, step, timesteps, x_T, generator, return_all, device, progress, schedule)
@@ -1472,7 +1591,7 @@ def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
 
 
 @torch.inference_mode()
-def ddim_step(model, schedule, x_t, t: int, t_prev: int, eta=0.0, clip_x0=False, generator=None) -> torch.Tensor:
+def ddim_step(model, schedule, x_t, t: int, t_prev: int, eta=0.0, clip_x0=False, generator=None, labels=None, guidance=0.0) -> torch.Tensor:
     """One DDIM update from code timestep ``t`` to ``t_prev`` (``-1`` means x_0), Song et al. eq. 12:
     x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z, with
     sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev). Note ab is the
@@ -1481,10 +1600,11 @@ def ddim_step(model, schedule, x_t, t: int, t_prev: int, eta=0.0, clip_x0=False,
     With ``clip_x0``, x0_hat is clipped to [-1, 1] and eps_hat recomputed from it,
     eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t), so that x_t = sqrt(ab_t) x0_hat + sqrt(1 - ab_t) eps_hat
     still holds (as improved-diffusion, denoising-diffusion-pytorch and diffusers with
-    ``use_clipped_model_output=True`` do). Without ``clip_x0`` nothing is recomputed."""
+    ``use_clipped_model_output=True`` do). Without ``clip_x0`` nothing is recomputed. A conditional
+    model takes ``labels`` and ``guidance``, and eps_hat is the guided prediction (:func:`guided_eps`)."""
     check_schedule_device(schedule, x_t.device, "x_t")
     t_batch = torch.full((len(x_t),), t, device=x_t.device, dtype=torch.long)
-    eps = model(x_t, t_batch)
+    eps = guided_eps(model, x_t, t_batch, labels, guidance)
     x0 = predict_x0(schedule, x_t, t_batch, eps)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
@@ -1508,14 +1628,16 @@ def ddim_sample(
     x_T=None,
     device=None,
     progress=True,
+    labels=None,
+    guidance=0.0,
 ) -> torch.Tensor:
     """DDIM sampling with ``steps`` network calls. ``eta=0`` is deterministic given x_T; ``eta=1``
     with all T steps is DDPM with sigma_t^2 = beta-tilde_t. Returns like :func:`p_sample_loop`
-    (``return_all`` gives ``steps + 1`` states)."""
+    (``return_all`` gives ``steps + 1`` states); ``labels`` and ``guidance`` as there."""
     visited = ddim_timesteps(schedule.timesteps, steps)
 
     def step(x, pair):
-        return ddim_step(model, schedule, x, *pair, eta, clip_x0, generator)
+        return ddim_step(model, schedule, x, *pair, eta, clip_x0, generator, labels, guidance)
 
     pairs = list(zip(visited, visited[1:] + [-1]))  # (t, t_prev); -1 stands for x_0
     return reverse_chain(model, shape, step, pairs, x_T, generator, return_all, device, progress, schedule)
@@ -1760,6 +1882,8 @@ def variational_bound_bpd(model, schedule, x0, variance="beta", clip_x0=False, g
 # ---------------------------------------------------------------------------------------------
 
 SHIPPED_CHECKPOINT = DATA_DIR / "pretrained" / "fashion_mnist_ddpm.pt"
+GUIDANCE_CHECKPOINT = DATA_DIR / "pretrained" / "fashion_mnist_cfg.pt"  # class-conditional, notebook 08
+GUIDANCE_EXPORT_VARIABLE = "DDPM_CFG_EXPORT"  # where notebook 08 exports instead (the job that refreshes the shipped model)
 MAX_SHIPPED_MB = 20
 
 
@@ -1787,22 +1911,59 @@ def export_checkpoint(resumable: str | Path, out: str | Path) -> Path:
     return torch_save_atomically(checkpoint, out)
 
 
+def record_warm_start(path: str | Path, init_from: str | Path) -> None:
+    """Note in checkpoint ``path`` that training started from the weights in ``init_from``
+    (:func:`conditional_from_unconditional`): its file name and step count."""
+    checkpoint = read_checkpoint(path)
+    checkpoint["init_from"] = {"file": str(in_course(init_from)), "step": read_checkpoint(init_from)["step"]}
+    torch_save_atomically(checkpoint, path)
+
+
 def _train_command(args) -> None:
     unet_config, recipe = RECIPES[args.recipe]
     config = dataclasses.replace(recipe, **{k: v for k, v in vars(args).items() if k in recipe.__dataclass_fields__ and v is not None})
     seed_everything(config.seed)
-    model = UNet(**unet_config)
+    unet_config = {**unet_config, **({} if args.num_classes is None else {"num_classes": args.num_classes})}
+    if args.init_from:
+        if args.num_classes is None:
+            raise SystemExit("--init-from starts a conditional model from an unconditional one: give --num-classes too")
+        model = conditional_from_unconditional(args.init_from, args.num_classes)
+        _check_same_config(args.init_from, "model", unet_config, model.config)
+    else:
+        model = UNet(**unet_config)
+    images, labels = load_fashion_mnist("train")
     resumable = Path(args.resume_file or work_dir() / f"{args.recipe}_{Path(args.out).name}")
-    checkpoint = train(model, load_fashion_mnist("train")[0], config, checkpoint_path=resumable, device=args.device, mixed_precision=not args.fp32)
+    checkpoint = train(
+        model, images, config, checkpoint_path=resumable, device=args.device, mixed_precision=not args.fp32,
+        labels=None if args.num_classes is None else labels,
+    )  # fmt: skip
     export_checkpoint(resumable, args.out)
+    if args.init_from:  # the file says where its weights started
+        record_warm_start(args.out, args.init_from)
     print(f"trained {checkpoint['step']} steps in {checkpoint['wall_time_s'] / 60:.1f} min on {checkpoint['hardware']}; wrote {args.out}")
+
+
+def _sampling_labels(args, model, num: int) -> torch.Tensor | None:
+    """The classes to draw: none for an unconditional checkpoint (which refuses --label and --guidance);
+    for a conditional one, --label for every image, or without it every class in turn."""
+    k = model.config.get("num_classes")
+    if k is None:
+        if args.label is not None or args.guidance is not None:
+            raise SystemExit(f"{args.checkpoint} holds an unconditional model: --label and --guidance need one trained with num_classes")
+        return None
+    if args.label is None:
+        return cycled_labels(num, k)
+    if not 0 <= args.label <= k:
+        raise SystemExit(f"--label must lie in 0..{k} ({k} classes, {k} = the null label) for {args.checkpoint}, got {args.label}")
+    return torch.full((num,), args.label)
 
 
 def _draw_samples(args, model, schedule, num: int, generator: torch.Generator) -> torch.Tensor:
     shape = (num, model.config["image_channels"], model.config["image_size"], model.config["image_size"])
+    labels, guidance = _sampling_labels(args, model, num), args.guidance or 0.0
     if args.sampler == "ddpm":
-        return p_sample_loop(model, schedule, shape, variance=args.variance, generator=generator)
-    return ddim_sample(model, schedule, shape, steps=args.steps, eta=args.eta, generator=generator)
+        return p_sample_loop(model, schedule, shape, variance=args.variance, generator=generator, labels=labels, guidance=guidance)
+    return ddim_sample(model, schedule, shape, steps=args.steps, eta=args.eta, generator=generator, labels=labels, guidance=guidance)
 
 
 def _sample_command(args) -> None:
@@ -1851,12 +2012,18 @@ def _evaluate_command(args) -> None:
     seconds = time.perf_counter() - started
     samples = uint8_to_model(model_to_uint8(torch.cat(batches)))  # scored as saved: clamped and rounded to 8 bits
     sampler = f"DDIM, {args.steps} steps, eta {args.eta}" if args.sampler == "ddim" else f"DDPM, variance {args.variance}"
+    if "num_classes" in model.config:
+        sampler += f", {'classes in turn' if args.label is None else f'label {args.label}'}, guidance w = {args.guidance or 0.0}"
     print(f"{args.num} samples from {args.checkpoint} ({sampler}) on {describe_hardware(next(model.parameters()).device)}")
     accuracy = classifier_checkpoint["test_accuracy"]
     print(f"FID in the features of {args.classifier} (test accuracy {accuracy:.2%}), n = {args.num}, against {args.num} random test images:")
     print(f"FID samples: {classifier_fid(classifier, samples, real):.3f}")
     print(f"FID real-data floor: {classifier_fid(classifier, floor, real):.3f}")
     print(f"FID noise ceiling: {classifier_fid(classifier, noise, real):.3f}")
+    if "num_classes" in model.config:  # the classes asked for, batch by batch as _draw_samples asked for them
+        requested = torch.cat([_sampling_labels(args, model, size) for size in sizes])
+        agreement = (classifier_outputs(classifier, samples).argmax(1) == requested).double().mean()
+        print(f"classifier agrees with the requested class: {agreement:.1%}")
     print(f"time per image: {1000 * seconds / args.num:.1f} ms")
 
 
@@ -1872,12 +2039,14 @@ def main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("--resume-file", help="resumable checkpoint (default: data/checkpoints/<recipe>_<out name>)")
     for name in ("steps", "batch_size", "warmup_steps", "sample_every", "checkpoint_every", "seed", "timesteps"):
         train_parser.add_argument(f"--{name.replace('_', '-')}", type=int)
-    for name in ("lr", "ema_decay", "grad_clip"):
+    for name in ("lr", "ema_decay", "grad_clip", "p_uncond"):
         train_parser.add_argument(f"--{name.replace('_', '-')}", type=float)
     train_parser.add_argument("--loss-type", choices=LOSSES)
     train_parser.add_argument("--schedule", choices=SCHEDULES)
     train_parser.add_argument("--device", help="cuda, cpu, ... (default: the fastest available)")
     train_parser.add_argument("--fp32", action="store_true", help="no mixed precision (default: bf16/fp16 where the hardware has it)")
+    train_parser.add_argument("--num-classes", type=int, help="a class-conditional model for classifier-free guidance (10 for Fashion-MNIST)")
+    train_parser.add_argument("--init-from", help="with --num-classes: start from this unconditional checkpoint's EMA weights")
 
     sample_parser = commands.add_parser("sample", help="draw samples from a checkpoint")
     evaluate_parser = commands.add_parser("evaluate", help="FID of a checkpoint's samples, the real-data floor, time per image")
@@ -1890,6 +2059,14 @@ def main(argv: list[str] | None = None) -> None:
         sampling_parser.add_argument("--variance", choices=VARIANCES, default="beta", help="DDPM sigma_t^2")
         sampling_parser.add_argument("--seed", type=int, default=0)
         sampling_parser.add_argument("--device")
+        sampling_parser.add_argument(
+            "--label", type=int, help="conditional models only: the class N of every image (N = num_classes, the null "
+            "label, draws unconditionally); default: the classes in turn, 0, 1, .., K-1, 0, 1, .."
+        )  # fmt: skip
+        sampling_parser.add_argument(
+            "--guidance", type=float, metavar="W", help="conditional models only: classifier-free guidance weight W in "
+            "Ho & Salimans' convention, 0 = the plain conditional model (default); diffusers' guidance_scale = 1 + W"
+        )  # fmt: skip
     sample_parser.add_argument("--out", required=True, help=".pt: uint8 tensor (N, C, H, W); .png: image grid")
     evaluate_parser.add_argument("--classifier", default=str(CLASSIFIER_CHECKPOINT), help="classifier whose features FID uses")
     evaluate_parser.add_argument("--batch-size", type=int, default=250, help="images sampled at once")

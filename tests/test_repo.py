@@ -125,13 +125,15 @@ def test_the_device_job_dry_runs_in_quick_mode(tmp_path):
     env.pop("DDPM_EXPORT", None)
     done = subprocess.run(["bash", "-c", job], cwd=copy, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    names = ["04_training", "05_sampling", "06_ddim", "07_evaluation"]
-    assert {p.name for p in out.iterdir()} == {f"{n}.ipynb" for n in names} | {"fashion_mnist_ddpm.pt", "log"}
+    names = ["04_training", "05_sampling", "06_ddim", "07_evaluation", "08_guidance"]
+    models = ["fashion_mnist_ddpm.pt", "fashion_mnist_cfg.pt"]
+    assert {p.name for p in out.iterdir()} == {f"{n}.ipynb" for n in names} | set(models) | {"log"}
     for name in names:
         executed = json.loads((copy / "notebooks" / f"{name}.ipynb").read_text())
         assert executed == json.loads((out / f"{name}.ipynb").read_text()), f"{name}: $OUT must hold the notebook as executed"
         code = [c for c in executed["cells"] if c["cell_type"] == "code"]
         assert all(c["execution_count"] for c in code), f"{name} did not run to the end"
         assert not [o for c in code for o in c["outputs"] if o["output_type"] == "error"], name
-    assert (out / "fashion_mnist_ddpm.pt").read_bytes() == (ROOT / "data" / "pretrained" / "fashion_mnist_ddpm.pt").read_bytes()
+    for model in models:  # quick mode exports elsewhere: the shipped files come back unchanged
+        assert (out / model).read_bytes() == (ROOT / "data" / "pretrained" / model).read_bytes()
     assert "failed=0" in (out / "log").read_text()

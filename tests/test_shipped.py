@@ -31,3 +31,22 @@ def test_shipped_samples_are_garments_of_many_classes():
     probabilities = classifier_outputs(classifier, x0.clamp(-1, 1)).softmax(-1)
     assert probabilities.max(-1).values.mean() > 0.75
     assert len(probabilities.argmax(-1).unique()) >= 7
+
+
+def test_the_shipped_guidance_model_is_the_cpu_recipe_made_conditional_and_loads_as_plain_tensors():
+    path = ddpm_helpers.GUIDANCE_CHECKPOINT
+    assert path.stat().st_size <= ddpm_helpers.MAX_SHIPPED_MB * 2**20
+    checkpoint = torch.load(path, weights_only=True)
+    model_config, train_config = ddpm_helpers.RECIPES["cpu"]
+    assert checkpoint["model_config"] == {**model_config, "num_classes": 10} and "optimizer" not in checkpoint
+    assert checkpoint["train_config"]["p_uncond"] == train_config.p_uncond
+    assert checkpoint["step"] == len(checkpoint["losses"]) and checkpoint["init_from"]["file"] == "data/pretrained/fashion_mnist_ddpm.pt"
+
+
+def test_guided_samples_of_the_shipped_model_are_mostly_the_requested_class():
+    """Guidance with a model that ignored its labels would agree with the requested class about 10 % of the time."""
+    model, schedule, _ = load_checkpoint(ddpm_helpers.GUIDANCE_CHECKPOINT)
+    classifier, _ = load_classifier()
+    labels = torch.arange(10).repeat(3)
+    x0 = ddim_sample(model, schedule, (30, 1, 28, 28), steps=20, generator=torch.Generator().manual_seed(0), labels=labels, guidance=2.0, progress=False)
+    assert (classifier_outputs(classifier, x0.clamp(-1, 1)).argmax(-1) == labels).double().mean() > 0.6
