@@ -987,6 +987,7 @@ def p_losses(
     loss_type: str = "l2",
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
+    min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """The simplified objective L_simple (paper eq. 14) for a batch of clean images ``x0``.
 
@@ -994,7 +995,8 @@ def p_losses(
     :func:`q_sample` and compares the model's noise prediction with the true noise. ``loss_type`` is
     ``l2`` (= ``mse``, the paper's), ``l1`` or ``huber``. ``reduction="none"`` gives one loss per image.
     ``labels`` ``(B,)`` are the classes c of a conditional model, eps_theta(x_t, t, c) (some may be
-    the null label: :func:`drop_labels`).
+    the null label: :func:`drop_labels`). ``min_snr_gamma`` weights each image's loss by
+    :func:`min_snr_weights` (None: every timestep weighs the same, the paper's choice).
     """
     if loss_type not in LOSSES:
         raise ValueError(f"unknown loss {loss_type!r}; expected one of {', '.join(LOSSES)}")
@@ -1013,7 +1015,26 @@ def p_losses(
     else:
         loss = F.mse_loss(predicted, noise, reduction="none")
     per_image = loss.flatten(1).mean(1)
+    if min_snr_gamma is not None:
+        per_image = per_image * min_snr_weights(schedule, t, min_snr_gamma).to(per_image.dtype)
     return per_image.mean() if reduction == "mean" else per_image
+
+
+def signal_to_noise(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = alpha-bar_t / (1 - alpha-bar_t): the power of the signal in x_t over that of its noise (float64)."""
+    alphas_cumprod = schedule.alphas_cumprod_float64.to(t.device)[t]
+    return alphas_cumprod / (1 - alphas_cumprod)
+
+
+def min_snr_weights(schedule: Schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for eps-prediction (Hang et al. 2023): min(SNR(t), gamma) / SNR(t).
+    They are 1 where the image is mostly noise (SNR <= gamma) and fall as gamma / SNR(t) at small t,
+    where predicting the noise is hardest to get exactly right and matters least for the picture."""
+    snr = signal_to_noise(schedule, t)
+    return snr.clamp(max=gamma) / snr
+
+
+LR_DECAYS = ("none", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1031,9 +1052,19 @@ class TrainConfig:
     timesteps: int = 1000
     flip: bool = True  # random horizontal flips (paper, for CIFAR-10)
     p_uncond: float = 0.1  # conditional models only: P(label -> null), Ho & Salimans 2022 (0.1-0.2)
+    lr_decay: str = "none"  # after the warm-up: "none" (constant, the paper's) or "cosine" (to zero at `steps`)
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) at the n-th update (make_ema)
+    zero_init_output: bool = False  # start the U-Net's last convolution at zero, so eps_theta starts at 0
+    min_snr_gamma: float | None = None  # weight the loss by min(SNR, gamma) / SNR (min_snr_weights)
     sample_every: int = 2_000
     checkpoint_every: int = 1_000
     seed: int = 0
+
+    def __post_init__(self):
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"unknown learning-rate decay {self.lr_decay!r}; expected one of {', '.join(LR_DECAYS)}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be positive (Hang et al. use 5) or None, got {self.min_snr_gamma}")
 
 
 TRAIN_CONFIG = by_mode(
@@ -1050,10 +1081,44 @@ RECIPES = {"default": (UNET_CONFIG, TRAIN_CONFIG), "cpu": (CPU_UNET_CONFIG, CPU_
 BOOKKEEPING_FIELDS = ("steps", "sample_every", "checkpoint_every")
 
 
-def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+def learning_rate_factor(step: int, config: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (zero-based) as a fraction of ``config.lr``: a linear
+    warm-up over ``warmup_steps``, then constant (``lr_decay="none"``) or a cosine decay that reaches
+    zero at ``config.steps`` (``"cosine"``, Loshchilov & Hutter 2017)."""
+    warmup = min(1.0, (step + 1) / config.warmup_steps)
+    if config.lr_decay == "none":
+        return warmup
+    progress = min(1.0, max(0, step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return warmup * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmed_up_ema_decay(decay: float, num_averaged: torch.Tensor) -> torch.Tensor:
+    """The EMA decay of the update that follows ``num_averaged`` updates, with a warm-up: min(decay,
+    (1 + n) / (10 + n)), as in TensorFlow's ExponentialMovingAverage with ``num_updates``. Early
+    updates forget fast, so that the random initial weights do not linger in the average."""
+    return ((1 + num_averaged) / (10 + num_averaged)).clamp(max=decay)
+
+
+def make_ema(model: nn.Module, decay: float, warmup: bool = False) -> AveragedModel:
     """An exponential moving average of ``model``'s weights (``torch.optim.swa_utils``; its update
-    runs as a few multi-tensor ``foreach`` operations, not one small kernel per weight)."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    runs as a few multi-tensor ``foreach`` operations, not one small kernel per weight). The first
+    update copies the weights; later ones move the average by ``1 - decay`` toward them, or with
+    ``warmup`` by ``1 - warmed_up_ema_decay(decay, n)`` (computed on the device: no host sync)."""
+    if not warmup:
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    @torch.no_grad()
+    def warmed_up_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        torch._foreach_lerp_(averaged, current, 1 - warmed_up_ema_decay(decay, num_averaged))
+
+    return AveragedModel(model, multi_avg_fn=warmed_up_update, use_buffers=True)
+
+
+def zero_output_layer(model: nn.Module) -> None:
+    """Set the U-Net's last convolution to zero: eps_theta(x_t, t) starts at 0 for every input, the
+    best constant guess of N(0, I) noise, instead of a random function of x_t (as guided-diffusion does)."""
+    nn.init.zeros_(model.head[-1].weight)
+    nn.init.zeros_(model.head[-1].bias)
 
 
 def has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -1185,17 +1250,20 @@ def train(
         raise ValueError("labels were given, but the UNet is unconditional (num_classes=None)")
     if k is not None and (labels is None or labels.min() < 0 or labels.max() >= k):
         raise ValueError(f"a UNet conditional on {k} classes trains with labels: a (N,) long tensor with values in 0..{k - 1}")
+    resuming = checkpoint_path is not None and Path(checkpoint_path).exists()
+    if config.zero_init_output and not resuming:
+        zero_output_layer(model)
     model.to(device).train()
     schedule = Schedule.from_name(config.schedule, config.timesteps).to(device)
     data = TrainingSet(images, flip=config.flip, device=device, seed=config.seed, labels=labels)
-    ema = make_ema(model, config.ema_decay)
+    ema = make_ema(model, config.ema_decay, warmup=config.ema_warmup)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps))
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
     dtype = autocast_dtype(device) if mixed_precision else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = {"step": 0, "losses": [], "wall_time_s": 0.0}
     seed_everything(config.seed)
-    if checkpoint_path and Path(checkpoint_path).exists():
+    if resuming:
         state = _resume(checkpoint_path, model, ema, optimizer, warmup, scaler, config, device)
     started = time.perf_counter() - state["wall_time_s"]
     unread = torch.zeros(LOG_EVERY, device=device)  # losses not yet read from the device
@@ -1214,7 +1282,7 @@ def train(
             x0, c = data.batch(config.batch_size)
             c = drop_labels(c, config.p_uncond, model.null_label)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = p_losses(model, schedule, x0, loss_type=config.loss_type, labels=c)
+            loss = p_losses(model, schedule, x0, loss_type=config.loss_type, labels=c, min_snr_gamma=config.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -1270,12 +1338,14 @@ def save_checkpoint(path, model, ema, config, state, optimizer=None, warmup=None
 
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint dictionary safely (``weights_only=True``: tensors and plain data only).
-    Checkpoints written before guidance lack ``p_uncond``, which unconditional training ignores: it
-    reads as the default, so that they compare equal to today's recipes."""
+    Fields added to :class:`TrainConfig` after a checkpoint was written (``p_uncond``, the recipe
+    options ``lr_decay`` to ``min_snr_gamma``) read as their defaults, which reproduce the training
+    that wrote it, so that it compares equal to today's recipes."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint of this course (expected format {CHECKPOINT_FORMAT!r})")
-    checkpoint["train_config"].setdefault("p_uncond", TrainConfig.p_uncond)
+    for field in dataclasses.fields(TrainConfig):
+        checkpoint["train_config"].setdefault(field.name, field.default)
     return checkpoint
 
 
@@ -1927,6 +1997,8 @@ def _train_command(args) -> None:
     if args.init_from:
         if args.num_classes is None:
             raise SystemExit("--init-from starts a conditional model from an unconditional one: give --num-classes too")
+        if config.zero_init_output:
+            raise SystemExit("--zero-init-output would erase the output layer that --init-from brings: give one of them")
         model = conditional_from_unconditional(args.init_from, args.num_classes)
         _check_same_config(args.init_from, "model", unet_config, model.config)
     else:
@@ -2039,8 +2111,11 @@ def main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("--resume-file", help="resumable checkpoint (default: data/checkpoints/<recipe>_<out name>)")
     for name in ("steps", "batch_size", "warmup_steps", "sample_every", "checkpoint_every", "seed", "timesteps"):
         train_parser.add_argument(f"--{name.replace('_', '-')}", type=int)
-    for name in ("lr", "ema_decay", "grad_clip", "p_uncond"):
+    for name in ("lr", "ema_decay", "grad_clip", "p_uncond", "min_snr_gamma"):
         train_parser.add_argument(f"--{name.replace('_', '-')}", type=float)
+    train_parser.add_argument("--lr-decay", choices=LR_DECAYS, help="after the warm-up (default: none, a constant rate)")
+    for name in ("ema_warmup", "zero_init_output"):
+        train_parser.add_argument(f"--{name.replace('_', '-')}", action="store_const", const=True, help=f"set {name} (TrainConfig)")
     train_parser.add_argument("--loss-type", choices=LOSSES)
     train_parser.add_argument("--schedule", choices=SCHEDULES)
     train_parser.add_argument("--device", help="cuda, cpu, ... (default: the fastest available)")

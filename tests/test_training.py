@@ -1,6 +1,7 @@
 """Training (Algorithm 1): the loss, EMA, the loop's safeguards, checkpoints and the command line."""
 
 import dataclasses
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -255,12 +256,12 @@ def plain_algorithm_1(model, images, config):
     model.train()
     schedule = Schedule.from_name(config.schedule, config.timesteps)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps))
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ddpm_helpers.learning_rate_factor(step, config))
     data = ddpm_helpers.TrainingSet(images, flip=config.flip, seed=config.seed)
     ddpm_helpers.seed_everything(config.seed)
     losses = []
     for _ in range(config.steps):
-        loss = p_losses(model, schedule, data.batch(config.batch_size), loss_type=config.loss_type)
+        loss = p_losses(model, schedule, data.batch(config.batch_size), loss_type=config.loss_type, min_snr_gamma=config.min_snr_gamma)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -363,3 +364,120 @@ def test_later_notebooks_prefer_your_export_then_the_environment_then_the_shippe
 def test_the_work_dir_defaults_to_data_checkpoints(monkeypatch):
     monkeypatch.delenv("DDPM_WORK_DIR", raising=False)
     assert ddpm_helpers.work_dir() == ddpm_helpers.DATA_DIR / "checkpoints"
+
+
+# Recipe options of the CPU recipe study (notebook 04): each one changes training as its formula says.
+
+
+@pytest.mark.parametrize("step, warmup_share", [(0, 0.1), (4, 0.5), (9, 1.0)])
+def test_the_learning_rate_warms_up_linearly_with_either_decay(step, warmup_share):
+    for decay in ddpm_helpers.LR_DECAYS:
+        config = TrainConfig(steps=100, warmup_steps=10, lr_decay=decay)
+        assert ddpm_helpers.learning_rate_factor(step, config) == pytest.approx(warmup_share)
+
+
+@pytest.mark.parametrize("step", [10, 40, 55, 99, 150])
+def test_the_cosine_decay_follows_its_formula_after_the_warm_up(step):
+    config = TrainConfig(steps=100, warmup_steps=10, lr_decay="cosine")
+    progress = min(1.0, (step - 10) / 90)
+    assert ddpm_helpers.learning_rate_factor(step, config) == pytest.approx(0.5 * (1 + math.cos(math.pi * progress)), abs=1e-12)
+    assert ddpm_helpers.learning_rate_factor(step, dataclasses.replace(config, lr_decay="none")) == 1.0
+
+
+def test_training_ends_the_cosine_decay_at_zero_learning_rate():
+    config = dataclasses.replace(TINY_TRAINING, steps=6, lr_decay="cosine")
+    finished = train(tiny_model(), tiny_images(), config, device="cpu", progress=False)
+    assert finished["warmup"]["_last_lr"] == pytest.approx([0.0], abs=1e-12)
+    constant = train(tiny_model(), tiny_images(), dataclasses.replace(config, lr_decay="none"), device="cpu", progress=False)
+    assert constant["warmup"]["_last_lr"] == pytest.approx([config.lr])
+
+
+def test_the_ema_warm_up_uses_decay_min_of_decay_and_one_plus_n_over_ten_plus_n():
+    model = tiny_model()
+    ema = make_ema(model, decay=0.999, warmup=True)
+    ema.update_parameters(model)  # the first update copies the weights
+    for n in (1, 2, 3):
+        before = [p.detach().clone() for p in ema.module.parameters()]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ema.update_parameters(model)
+        decay = (1 + n) / (10 + n)
+        for old, new, current in zip(before, ema.module.parameters(), model.parameters()):
+            torch.testing.assert_close(new, decay * old + (1 - decay) * current)
+    assert ddpm_helpers.warmed_up_ema_decay(0.999, torch.tensor(100_000)) == pytest.approx(0.999)
+
+
+def test_zero_init_output_makes_the_untrained_network_predict_zero_noise():
+    config = dataclasses.replace(TINY_TRAINING, steps=1, lr=0.0, zero_init_output=True)
+    x, t = tiny_images(4), torch.tensor([0, 10, 20, 49])
+    plain, zeroed = tiny_model(), tiny_model()
+    train(zeroed, tiny_images(), config, device="cpu", progress=False)
+    assert torch.count_nonzero(zeroed.eval()(x, t)) == 0 and torch.count_nonzero(plain.eval()(x, t)) > 0
+
+
+@pytest.mark.parametrize("t", [0, 100, 500, 999])
+def test_min_snr_weights_are_min_of_snr_and_gamma_over_snr(t):
+    schedule = Schedule.from_name("linear", 1000)
+    alpha_bar = float(torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t])
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = ddpm_helpers.min_snr_weights(schedule, torch.tensor([t]), gamma=5.0)
+    assert float(weight) == pytest.approx(min(snr, 5.0) / snr, rel=1e-9)
+
+
+def test_min_snr_weighting_scales_each_images_loss_by_its_weight():
+    schedule = Schedule.from_name("linear", 50)
+    model, x0, t = tiny_model(), tiny_images(4), torch.tensor([0, 5, 25, 49])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    plain = p_losses(model, schedule, x0, t, noise, reduction="none")
+    weighted = p_losses(model, schedule, x0, t, noise, reduction="none", min_snr_gamma=5.0)
+    snr = schedule.alphas_cumprod_float64[t] / (1 - schedule.alphas_cumprod_float64[t])
+    torch.testing.assert_close(weighted, plain * (snr.clamp(max=5.0) / snr).float())
+    assert weighted[0] < plain[0] / 10 and weighted[-1] == plain[-1]  # t = 0 weighs little, pure noise fully
+
+
+def test_the_fast_loop_applies_every_recipe_option_like_the_plain_one(monkeypatch):
+    monkeypatch.setattr(ddpm_helpers, "LOG_EVERY", 3)
+    config = dataclasses.replace(TINY_TRAINING, steps=9, lr=1e-3, lr_decay="cosine", min_snr_gamma=5.0)
+    fast = train(tiny_model(), tiny_images(), config, device="cpu", progress=False, mixed_precision=False)["losses"]
+    plain = plain_algorithm_1(tiny_model(), tiny_images(), config)
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-5, atol=0)
+    unweighted = plain_algorithm_1(tiny_model(), tiny_images(), dataclasses.replace(config, min_snr_gamma=None))
+    assert abs(unweighted[0] - plain[0]) > 1e-3  # the weighting changes the loss the curve shows
+
+
+def test_a_run_with_every_recipe_option_resumes_exactly(tmp_path):
+    """The resumed run must not zero the output layer again nor restart the EMA warm-up or the decay."""
+    config = dataclasses.replace(TINY_TRAINING, lr_decay="cosine", ema_warmup=True, zero_init_output=True, min_snr_gamma=5.0)
+    straight = train(tiny_model(), tiny_images(), config, device="cpu", progress=False)
+    train(tiny_model(), tiny_images(), dataclasses.replace(config, steps=2), checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False)
+    resumed = train(tiny_model(seed=1), tiny_images(), config, checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False)
+    assert resumed["losses"] == straight["losses"]
+    for key, weight in straight["ema"].items():
+        torch.testing.assert_close(resumed["ema"][key], weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change, message", [({"lr_decay": "linear"}, "unknown learning-rate decay"), ({"min_snr_gamma": 0.0}, "must be positive")])
+def test_unknown_recipe_options_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**change)
+
+
+def test_checkpoints_from_before_the_recipe_options_resume_as_todays_recipe(tmp_path):
+    path = tmp_path / "run.pt"
+    train(tiny_model(), tiny_images(), dataclasses.replace(TINY_TRAINING, steps=2), checkpoint_path=path, device="cpu", progress=False)
+    old = torch.load(path, weights_only=True)
+    for name in ("lr_decay", "ema_warmup", "zero_init_output", "min_snr_gamma", "p_uncond"):
+        del old["train_config"][name]
+    torch.save(old, path)
+    assert train(tiny_model(), tiny_images(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)["step"] == TINY_TRAINING.steps
+
+
+def test_cli_records_the_recipe_options_and_refuses_zero_init_on_a_warm_start(tmp_path, shipped):
+    out = tmp_path / "model.pt"
+    options = ["--lr-decay", "cosine", "--ema-warmup", "--zero-init-output", "--min-snr-gamma", "5"]
+    main(["train", "--recipe", "cpu", "--steps", "2", "--timesteps", "50", "--out", str(out), "--resume-file", str(tmp_path / "run.pt"), "--device", "cpu", *options])
+    recorded = read_checkpoint(out)["train_config"]
+    assert (recorded["lr_decay"], recorded["ema_warmup"], recorded["zero_init_output"], recorded["min_snr_gamma"]) == ("cosine", True, True, 5.0)
+    with pytest.raises(SystemExit, match="would erase the output layer"):
+        main(["train", "--recipe", "cpu", "--num-classes", "10", "--init-from", str(shipped), "--zero-init-output", "--out", str(tmp_path / "c.pt")])
