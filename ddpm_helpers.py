@@ -1231,14 +1231,18 @@ def train(
     """Algorithm 1: repeat { x_0 ~ data; t ~ U{0..T-1}; eps ~ N(0, I); step on ||eps - eps_theta||^2 }.
 
     ``images`` is the training set, ``(N, C, H, W)`` in [-1, 1]; it moves to the device once
-    (:class:`TrainingSet`). Adds what a real run needs: Adam with learning-rate warm-up, gradient
-    clipping, an EMA of the weights, mixed precision where the hardware has it (:func:`autocast_dtype`;
+    (:class:`TrainingSet`). Adds what a real run needs: Adam with learning-rate warm-up (and, if the
+    config asks, a cosine decay: :func:`learning_rate_factor`), gradient clipping, an EMA of the
+    weights (:func:`make_ema`, with or without warm-up), mixed precision where the hardware has it (:func:`autocast_dtype`;
     ``mixed_precision=False`` keeps float32), a sample grid from the EMA model every ``sample_every``
     steps (passed to ``on_sample(step, images)``), and a checkpoint written atomically every
     ``checkpoint_every`` steps and at the end. If ``checkpoint_path`` exists, training resumes from
     it exactly where it stopped. The losses stay on the device and are read every ``LOG_EVERY`` steps
     (and before a sample grid or checkpoint); a non-finite one stops training with an error, at most
     that many steps late and before anything is saved. Returns the checkpoint dictionary.
+
+    The config's other recipe options: ``zero_init_output`` zeroes the output layer before the first
+    step (:func:`zero_output_layer`; not on a resume), ``min_snr_gamma`` weights the loss (:func:`min_snr_weights`).
 
     A conditional UNet (``num_classes=K``) trains on ``labels`` ``(N,)`` in 0..K-1, one per image, each
     replaced by the null label with probability ``config.p_uncond`` (:func:`drop_labels`); its sample
@@ -2041,7 +2045,7 @@ def _draw_samples(args, model, schedule, num: int, generator: torch.Generator) -
 def _sample_command(args) -> None:
     if Path(args.out).suffix not in (".pt", ".png"):
         raise SystemExit(f"--out must end in .pt (a uint8 tensor) or .png (an image grid), got {args.out}")
-    model, schedule, _ = load_checkpoint(args.checkpoint, device=args.device or get_device())
+    model, schedule, _ = load_checkpoint(args.checkpoint, weights=args.weights, device=args.device or get_device())
     x0 = _draw_samples(args, model, schedule, args.num, torch.Generator().manual_seed(args.seed))
     out = Path(args.out)
     if out.suffix == ".pt":
@@ -2067,7 +2071,7 @@ def _evaluate_command(args) -> None:
     """FID of ``--num`` samples against as many random test images, next to the real-data floor (those
     test images against as many random training images) and a noise ceiling (clamped N(0, I) images)."""
     classifier, classifier_checkpoint = load_classifier(args.classifier)
-    model, schedule, _ = load_checkpoint(args.checkpoint, device=args.device or get_device())
+    model, schedule, _ = load_checkpoint(args.checkpoint, weights=args.weights, device=args.device or get_device())
     if (model.config["image_channels"], model.config["image_size"]) != (1, 28):
         shape = f"{model.config['image_channels']}x{model.config['image_size']}x{model.config['image_size']}"
         raise SystemExit(f"{args.checkpoint} makes {shape} images; the classifier needs 1x28x28 (Fashion-MNIST)")
@@ -2086,7 +2090,7 @@ def _evaluate_command(args) -> None:
     sampler = f"DDIM, {args.steps} steps, eta {args.eta}" if args.sampler == "ddim" else f"DDPM, variance {args.variance}"
     if "num_classes" in model.config:
         sampler += f", {'classes in turn' if args.label is None else f'label {args.label}'}, guidance w = {args.guidance or 0.0}"
-    print(f"{args.num} samples from {args.checkpoint} ({sampler}) on {describe_hardware(next(model.parameters()).device)}")
+    print(f"{args.num} samples from {args.checkpoint} ({args.weights} weights; {sampler}) on {describe_hardware(next(model.parameters()).device)}")
     accuracy = classifier_checkpoint["test_accuracy"]
     print(f"FID in the features of {args.classifier} (test accuracy {accuracy:.2%}), n = {args.num}, against {args.num} random test images:")
     print(f"FID samples: {classifier_fid(classifier, samples, real):.3f}")
@@ -2134,6 +2138,7 @@ def main(argv: list[str] | None = None) -> None:
         sampling_parser.add_argument("--variance", choices=VARIANCES, default="beta", help="DDPM sigma_t^2")
         sampling_parser.add_argument("--seed", type=int, default=0)
         sampling_parser.add_argument("--device")
+        sampling_parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="the EMA weights or the raw ones (default: ema)")
         sampling_parser.add_argument(
             "--label", type=int, help="conditional models only: the class N of every image (N = num_classes, the null "
             "label, draws unconditionally); default: the classes in turn, 0, 1, .., K-1, 0, 1, .."

@@ -185,6 +185,16 @@ def test_cli_writes_uint8_samples(shipped, tmp_path, sampler):
     assert samples.dtype == torch.uint8 and samples.shape == (3, 1, 8, 8)
 
 
+def test_cli_samples_from_the_raw_weights_when_asked(shipped, tmp_path):
+    outs = {weights: tmp_path / f"{weights}.pt" for weights in ("ema", "model")}
+    for weights, out in outs.items():
+        main(["sample", "--checkpoint", str(shipped), "--num", "3", "--sampler", "ddim", "--steps", "5", "--out", str(out), "--device", "cpu", "--weights", weights])
+    raw, schedule, _ = load_checkpoint(shipped, weights="model")
+    expected = ddpm_helpers.ddim_sample(raw, schedule, (3, 1, 8, 8), steps=5, generator=torch.Generator().manual_seed(0), progress=False)
+    assert torch.equal(torch.load(outs["model"], weights_only=True), ddpm_helpers.model_to_uint8(expected))
+    assert not torch.equal(torch.load(outs["model"], weights_only=True), torch.load(outs["ema"], weights_only=True))
+
+
 def test_cli_writes_a_png_grid_from_the_command_line(shipped, tmp_path):
     out = tmp_path / "grid.png"
     command = [sys.executable, "ddpm_helpers.py", "sample", "--checkpoint", str(shipped), "--num", "4", "--sampler", "ddim", "--steps", "3", "--out", str(out)]
