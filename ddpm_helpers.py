@@ -1016,21 +1016,16 @@ def p_losses(
         loss = F.mse_loss(predicted, noise, reduction="none")
     per_image = loss.flatten(1).mean(1)
     if min_snr_gamma is not None:
-        per_image = per_image * min_snr_weights(schedule, t, min_snr_gamma).to(per_image.dtype)
+        per_image = per_image * min_snr_weights(schedule, min_snr_gamma).to(per_image.dtype).to(per_image.device)[t]
     return per_image.mean() if reduction == "mean" else per_image
 
 
-def signal_to_noise(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
-    """SNR(t) = alpha-bar_t / (1 - alpha-bar_t): the power of the signal in x_t over that of its noise (float64)."""
-    alphas_cumprod = schedule.alphas_cumprod_float64.to(t.device)[t]
-    return alphas_cumprod / (1 - alphas_cumprod)
-
-
-def min_snr_weights(schedule: Schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for eps-prediction (Hang et al. 2023): min(SNR(t), gamma) / SNR(t).
-    They are 1 where the image is mostly noise (SNR <= gamma) and fall as gamma / SNR(t) at small t,
-    where predicting the noise is hardest to get exactly right and matters least for the picture."""
-    snr = signal_to_noise(schedule, t)
+def min_snr_weights(schedule: Schedule, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for eps-prediction (Hang et al. 2023), min(SNR(t), gamma) / SNR(t), at
+    every code t (float64 on the CPU, from :meth:`Schedule.snr`). They are 1 where the image is mostly
+    noise (SNR <= gamma) and fall as gamma / SNR(t) at small t, where predicting the noise is hardest
+    to get exactly right and matters least for the picture."""
+    snr = schedule.snr()
     return snr.clamp(max=gamma) / snr
 
 
@@ -1103,7 +1098,7 @@ def make_ema(model: nn.Module, decay: float, warmup: bool = False) -> AveragedMo
     """An exponential moving average of ``model``'s weights (``torch.optim.swa_utils``; its update
     runs as a few multi-tensor ``foreach`` operations, not one small kernel per weight). The first
     update copies the weights; later ones move the average by ``1 - decay`` toward them, or with
-    ``warmup`` by ``1 - warmed_up_ema_decay(decay, n)`` (computed on the device: no host sync)."""
+    ``warmup`` by ``1 - warmed_up_ema_decay(decay, n)``, computed on the device from the update count."""
     if not warmup:
         return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
