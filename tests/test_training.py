@@ -215,10 +215,11 @@ def test_cli_trains_a_recipe_and_exports(tmp_path, monkeypatch, recipe):
     assert checkpoint["train_config"]["lr"] == 1e-3 and checkpoint["train_config"]["batch_size"] == train_config.batch_size
 
 
-def test_the_cpu_recipe_is_the_default_with_a_smaller_model_and_batch():
+def test_the_cpu_recipe_is_the_default_with_a_smaller_model_and_the_study_s_stack():
     unet_changes = {k for k, v in ddpm_helpers.CPU_UNET_CONFIG.items() if ddpm_helpers.DEFAULT_UNET_CONFIG[k] != v}
     recipe_changes = {k for k, v in dataclasses.asdict(ddpm_helpers.CPU_TRAIN_CONFIG).items() if getattr(TrainConfig(), k) != v}
-    assert unet_changes == {"base_channels", "num_res_blocks"} and recipe_changes == {"batch_size"}
+    assert unet_changes == {"base_channels", "num_res_blocks"}
+    assert recipe_changes == {"steps", "batch_size", "lr", "lr_decay", "ema_warmup", "min_snr_gamma"}
     assert ddpm_helpers.count_parameters(UNet(**ddpm_helpers.CPU_UNET_CONFIG)) < ddpm_helpers.count_parameters(UNet(**ddpm_helpers.DEFAULT_UNET_CONFIG)) / 5
 
 
