@@ -205,14 +205,14 @@ def test_cli_writes_a_png_grid_from_the_command_line(shipped, tmp_path):
 @pytest.mark.parametrize("recipe", ["default", "cpu"])
 def test_cli_trains_a_recipe_and_exports(tmp_path, monkeypatch, recipe):
     model_config, train_config = ddpm_helpers.RECIPES[recipe]
-    monkeypatch.setitem(ddpm_helpers.RECIPES, recipe, ({**TINY, "image_size": 28}, dataclasses.replace(train_config, lr=1e-3)))
+    monkeypatch.setitem(ddpm_helpers.RECIPES, recipe, ({**TINY, "image_size": 28}, dataclasses.replace(train_config, lr=3e-4)))
     images = torch.rand(64, 1, 28, 28) * 2 - 1
     monkeypatch.setattr(ddpm_helpers, "load_fashion_mnist", lambda split: (images, torch.zeros(64, dtype=torch.long)))
     out = tmp_path / "model.pt"
     main(["train", "--recipe", recipe, "--steps", "3", "--timesteps", "50", "--out", str(out), "--resume-file", str(tmp_path / "run.pt"), "--device", "cpu"])
     checkpoint = read_checkpoint(out)
     assert checkpoint["step"] == 3 and checkpoint["train_config"]["timesteps"] == 50 and "optimizer" not in checkpoint
-    assert checkpoint["train_config"]["lr"] == 1e-3 and checkpoint["train_config"]["batch_size"] == train_config.batch_size
+    assert checkpoint["train_config"]["lr"] == 3e-4 and checkpoint["train_config"]["batch_size"] == train_config.batch_size
 
 
 def test_the_cpu_recipe_is_the_default_with_a_smaller_model_and_the_study_s_stack():
