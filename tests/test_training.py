@@ -484,11 +484,23 @@ def test_checkpoints_from_before_the_recipe_options_resume_as_todays_recipe(tmp_
     assert train(tiny_model(), tiny_images(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)["step"] == TINY_TRAINING.steps
 
 
-def test_cli_records_the_recipe_options_and_refuses_zero_init_on_a_warm_start(tmp_path, shipped):
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ([], ("cosine", True, False, 5.0)),  # the cpu recipe as it is
+        (["--lr-decay", "none", "--no-ema-warmup", "--zero-init-output", "--min-snr-gamma", "none"], ("none", False, True, None)),
+        (["--min-snr-gamma", "3"], ("cosine", True, False, 3.0)),
+    ],
+)
+def test_cli_switches_each_recipe_option_on_and_off(tmp_path, options, expected):
+    recipe = ddpm_helpers.CPU_TRAIN_CONFIG  # the cases flip each option against it: no flag must keep it
+    assert (recipe.lr_decay, recipe.ema_warmup, recipe.zero_init_output, recipe.min_snr_gamma) == ("cosine", True, False, 5.0)
     out = tmp_path / "model.pt"
-    options = ["--lr-decay", "cosine", "--ema-warmup", "--zero-init-output", "--min-snr-gamma", "5"]
     main(["train", "--recipe", "cpu", "--steps", "2", "--timesteps", "50", "--out", str(out), "--resume-file", str(tmp_path / "run.pt"), "--device", "cpu", *options])
     recorded = read_checkpoint(out)["train_config"]
-    assert (recorded["lr_decay"], recorded["ema_warmup"], recorded["zero_init_output"], recorded["min_snr_gamma"]) == ("cosine", True, True, 5.0)
+    assert (recorded["lr_decay"], recorded["ema_warmup"], recorded["zero_init_output"], recorded["min_snr_gamma"]) == expected
+
+
+def test_cli_refuses_zero_init_on_a_warm_start(tmp_path, shipped):
     with pytest.raises(SystemExit, match="would erase the output layer"):
         main(["train", "--recipe", "cpu", "--num-classes", "10", "--init-from", str(shipped), "--zero-init-output", "--out", str(tmp_path / "c.pt")])
