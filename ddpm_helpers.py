@@ -1996,7 +1996,7 @@ def _float_or_none(text: str) -> float | None:
 
 def _train_command(args) -> None:
     unet_config, recipe = RECIPES[args.recipe]
-    config = dataclasses.replace(recipe, **{k: v for k, v in vars(args).items() if k in recipe.__dataclass_fields__})  # the flags given
+    config = dataclasses.replace(recipe, **{k: v for k, v in vars(args).items() if k in recipe.__dataclass_fields__})  # the options given
     seed_everything(config.seed)
     unet_config = {**unet_config, **({} if args.num_classes is None else {"num_classes": args.num_classes})}
     if args.init_from:
@@ -2114,17 +2114,19 @@ def main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("--recipe", choices=RECIPES, default="default", help="default: for a GPU; cpu: a smaller model")
     train_parser.add_argument("--out", default=str(SHIPPED_CHECKPOINT), help="weights-only checkpoint to write")
     train_parser.add_argument("--resume-file", help="resumable checkpoint (default: data/checkpoints/<recipe>_<out name>)")
-    recipe_options = train_parser.add_argument_group("recipe options", "each overrides the TrainConfig field of its name in the chosen recipe")
+    recipe_options = train_parser.add_argument_group(  # an option not given leaves the recipe's value as it is
+        "recipe options", "each overrides the TrainConfig field of its name in the chosen recipe", argument_default=argparse.SUPPRESS
+    )
     for name in ("steps", "batch_size", "warmup_steps", "sample_every", "checkpoint_every", "seed", "timesteps"):
-        recipe_options.add_argument(f"--{name.replace('_', '-')}", type=int, default=argparse.SUPPRESS)
+        recipe_options.add_argument(f"--{name.replace('_', '-')}", type=int)
     for name in ("lr", "ema_decay", "grad_clip", "p_uncond"):
-        recipe_options.add_argument(f"--{name.replace('_', '-')}", type=float, default=argparse.SUPPRESS)
-    recipe_options.add_argument("--min-snr-gamma", type=_float_or_none, default=argparse.SUPPRESS, help="gamma of min-SNR weighting, or none (plain L_simple)")
-    recipe_options.add_argument("--lr-decay", choices=LR_DECAYS, default=argparse.SUPPRESS, help="after the warm-up (none: a constant rate)")
+        recipe_options.add_argument(f"--{name.replace('_', '-')}", type=float)
+    recipe_options.add_argument("--min-snr-gamma", type=_float_or_none, help="gamma of min-SNR weighting, or none (plain L_simple)")
+    recipe_options.add_argument("--lr-decay", choices=LR_DECAYS, help="after the warm-up (none: a constant rate)")
     for name in ("ema_warmup", "zero_init_output"):
-        recipe_options.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
-    recipe_options.add_argument("--loss-type", choices=LOSSES, default=argparse.SUPPRESS)
-    recipe_options.add_argument("--schedule", choices=SCHEDULES, default=argparse.SUPPRESS)
+        recipe_options.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction)
+    recipe_options.add_argument("--loss-type", choices=LOSSES)
+    recipe_options.add_argument("--schedule", choices=SCHEDULES)
     train_parser.add_argument("--device", help="cuda, cpu, ... (default: the fastest available)")
     train_parser.add_argument("--fp32", action="store_true", help="no mixed precision (default: bf16/fp16 where the hardware has it)")
     train_parser.add_argument("--num-classes", type=int, help="a class-conditional model for classifier-free guidance (10 for Fashion-MNIST)")
