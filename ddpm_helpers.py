@@ -22,10 +22,12 @@ import contextlib
 import dataclasses
 import gzip
 import io
+import json
 import math
 import os
 import platform
 import random
+import re
 import struct
 import time
 from pathlib import Path
@@ -89,8 +91,20 @@ def describe_hardware(device: torch.device | str | None = None) -> str:
     if device.type == "cuda":
         chip = torch.cuda.get_device_name(device)
     else:
-        chip = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        chip = f"{cpu_model()} CPU, {threads} thread{'s' if threads > 1 else ''}"
     return f"{chip}; PyTorch {torch.__version__}"
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name and whether it has AVX-512 (speeds differ widely between the course's
+    machines), where Linux says; else the processor type Python knows."""
+    if not cpuinfo.exists():
+        return platform.processor() or platform.machine()
+    text = cpuinfo.read_text()
+    names = re.findall(r"^model name\s*:\s*(.+)$", text, flags=re.MULTILINE)
+    avx512 = "with AVX-512" if "avx512f" in text.split() else "without AVX-512"
+    return f"{names[0].strip() if names else platform.machine()} ({avx512})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1073,7 +1087,8 @@ CPU_UNET_CONFIG = {**DEFAULT_UNET_CONFIG, "base_channels": 32, "num_res_blocks":
 CPU_TRAIN_CONFIG = TrainConfig(steps=5_000, batch_size=64, lr=1e-3, lr_decay="cosine", ema_warmup=True, min_snr_gamma=5.0)
 RECIPES = {"default": (UNET_CONFIG, TRAIN_CONFIG), "cpu": (CPU_UNET_CONFIG, CPU_TRAIN_CONFIG)}
 
-# Fields a resumed run may change: they say how long to train and how often to report, not how.
+# Fields a resumed run may change: they say how long to train and how often to report, not how
+# (`steps` only with a constant learning rate: a decay is planned to end at `steps`).
 BOOKKEEPING_FIELDS = ("steps", "sample_every", "checkpoint_every")
 
 
@@ -1223,6 +1238,8 @@ def train(
     progress: bool = True,
     mixed_precision: bool = True,
     labels: torch.Tensor | None = None,
+    stop_at: int | None = None,
+    stop_after_s: float | None = None,
 ) -> dict:
     """Algorithm 1: repeat { x_0 ~ data; t ~ U{0..T-1}; eps ~ N(0, I); step on ||eps - eps_theta||^2 }.
 
@@ -1243,8 +1260,19 @@ def train(
     A conditional UNet (``num_classes=K``) trains on ``labels`` ``(N,)`` in 0..K-1, one per image, each
     replaced by the null label with probability ``config.p_uncond`` (:func:`drop_labels`); its sample
     grids show the classes in turn (:func:`cycled_labels`), without guidance.
+
+    A planned stop: ``stop_at`` (a step) or ``stop_after_s`` (seconds of this call), whichever comes
+    first, ends the call early with a checkpoint; calling again with the same config resumes. Stopped
+    and resumed any number of times, a run gives the uninterrupted run's weights bit for bit on the
+    same machine and thread count; on another CPU or a GPU it continues with the same data order,
+    learning-rate schedule and random stream, but its floating-point sums may round differently.
+    Each call is one segment in the checkpoint's ``segments``: the steps it trained, its time, its hardware.
     """
     device = torch.device(device or get_device())
+    if (stop_at is not None or stop_after_s is not None) and checkpoint_path is None:
+        raise ValueError("a planned stop (stop_at, stop_after_s) needs a checkpoint_path to resume from")
+    if stop_at is not None and stop_at < 1:
+        raise ValueError(f"stop_at must be a step in 1..{config.steps}, got {stop_at}")
     k = model.config.get("num_classes")
     if k is None and labels is not None:
         raise ValueError("labels were given, but the UNet is unconditional (num_classes=None)")
@@ -1261,13 +1289,22 @@ def train(
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
     dtype = autocast_dtype(device) if mixed_precision else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    state = {"step": 0, "losses": [], "wall_time_s": 0.0}
+    state = {"step": 0, "losses": [], "wall_time_s": 0.0, "segments": []}
     seed_everything(config.seed)
     if resuming:
         state = _resume(checkpoint_path, model, ema, optimizer, warmup, scaler, config, device)
-    started = time.perf_counter() - state["wall_time_s"]
+    segment = {"first_step": state["step"], "steps": 0, "wall_time_s": 0.0, "hardware": describe_hardware(device)}
+    state["segments"].append(segment)
+    segment_started = time.perf_counter()
+    started = segment_started - state["wall_time_s"]
+    last = config.steps if stop_at is None else min(stop_at, config.steps)
     unread = torch.zeros(LOG_EVERY, device=device)  # losses not yet read from the device
-    bar = tqdm(range(state["step"], config.steps), initial=state["step"], total=config.steps, disable=not progress)
+    bar = tqdm(range(state["step"], last), initial=state["step"], total=config.steps, disable=not progress)
+
+    def record_time() -> None:
+        now = time.perf_counter()
+        state["wall_time_s"] = now - started
+        segment.update(steps=state["step"] - segment["first_step"], wall_time_s=now - segment_started)
 
     def read_losses(count: int) -> None:
         losses = unread[:count].tolist()  # the one host sync
@@ -1293,17 +1330,21 @@ def train(
         ema.update_parameters(model)
         unread[step - len(state["losses"])] = loss.detach()
         state["step"] = step + 1
+        stopping = state["step"] == last or (stop_after_s is not None and time.perf_counter() - segment_started >= stop_after_s)
         sample_now = on_sample and state["step"] % config.sample_every == 0
-        save_now = checkpoint_path and (state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps)
-        if sample_now or save_now or state["step"] - len(state["losses"]) == LOG_EVERY or state["step"] == config.steps:
+        save_now = checkpoint_path and (state["step"] % config.checkpoint_every == 0 or stopping)
+        if sample_now or save_now or state["step"] - len(state["losses"]) == LOG_EVERY or stopping:
             read_losses(state["step"] - len(state["losses"]))
         if sample_now:
             grid_labels = None if labels is None else cycled_labels(num_samples, k)
             on_sample(state["step"], p_sample_loop(ema.module, schedule, (num_samples, *x0.shape[1:]), progress=False, labels=grid_labels))
         if save_now:
-            state["wall_time_s"] = time.perf_counter() - started
+            record_time()
             save_checkpoint(checkpoint_path, model, ema, config, state, optimizer, warmup, scaler)
-    state["wall_time_s"] = time.perf_counter() - started
+        if stopping:
+            break
+    bar.close()
+    record_time()
     return _checkpoint_dict(model, ema, config, state, optimizer, warmup, scaler)
 
 
@@ -1319,6 +1360,7 @@ def _checkpoint_dict(model, ema, config, state, optimizer=None, warmup=None, sca
         "step": state["step"],
         "losses": list(state["losses"]),
         "wall_time_s": state["wall_time_s"],
+        "segments": [dict(segment) for segment in state.get("segments", [])],
         "hardware": describe_hardware(next(model.parameters()).device),
         "ema": ema.module.state_dict(),
         "ema_n_averaged": ema.n_averaged,
@@ -1366,6 +1408,13 @@ def _resume(path, model, ema, optimizer, warmup, scaler, config, device) -> dict
     saved = {key: value for key, value in checkpoint["train_config"].items() if key not in BOOKKEEPING_FIELDS}
     here = {key: value for key, value in dataclasses.asdict(config).items() if key not in BOOKKEEPING_FIELDS}
     _check_same_config(path, "training", saved, here)
+    planned = checkpoint["train_config"]["steps"]
+    if config.lr_decay != "none" and config.steps != planned:
+        raise ValueError(
+            f"{path} was planned for {planned} steps, and its {config.lr_decay} learning-rate decay reaches zero at "
+            f"step {planned}: resuming with steps={config.steps} would change the learning rate of every remaining "
+            f"step. Resume with steps={planned}; to stop earlier, use a planned stop (stop_at, or --stop-at)."
+        )
     if "optimizer" not in checkpoint:
         raise ValueError(f"{path} holds weights only (no optimizer state), so training cannot resume from it")
     model.load_state_dict(checkpoint["model"])
@@ -1378,7 +1427,8 @@ def _resume(path, model, ema, optimizer, warmup, scaler, config, device) -> dict
         set_random_state(checkpoint["random_state"], device)
     else:  # written before checkpoints kept the random state: at least do not repeat the draws done
         seed_everything(config.seed + checkpoint["step"])
-    return {key: checkpoint[key] for key in ("step", "losses", "wall_time_s")}
+    resumed = {key: checkpoint[key] for key in ("step", "losses", "wall_time_s")}
+    return {**resumed, "segments": checkpoint.get("segments", [])}  # older checkpoints kept no segments
 
 
 def conditional_from_unconditional(path: str | Path, num_classes: int) -> UNet:
@@ -2010,10 +2060,14 @@ def _train_command(args) -> None:
         model = UNet(**unet_config)
     images, labels = load_fashion_mnist("train")
     resumable = Path(args.resume_file or work_dir() / f"{args.recipe}_{Path(args.out).name}")
+    stop_after_s = None if args.stop_after is None else 60 * args.stop_after
     checkpoint = train(
         model, images, config, checkpoint_path=resumable, device=args.device, mixed_precision=not args.fp32,
-        labels=None if args.num_classes is None else labels,
+        labels=None if args.num_classes is None else labels, stop_at=args.stop_at, stop_after_s=stop_after_s,
     )  # fmt: skip
+    if checkpoint["step"] < config.steps:
+        print(f"stopped as planned at step {checkpoint['step']} of {config.steps}; {resumable} holds the run: the same command without the stop resumes it")
+        return
     export_checkpoint(resumable, args.out)
     if args.init_from:  # the file says where its weights started
         record_warm_start(args.out, args.init_from)
@@ -2072,7 +2126,7 @@ def _evaluate_command(args) -> None:
     """FID of ``--num`` samples against as many random test images, next to the real-data floor (those
     test images against as many random training images) and a noise ceiling (clamped N(0, I) images)."""
     classifier, classifier_checkpoint = load_classifier(args.classifier)
-    model, schedule, _ = load_checkpoint(args.checkpoint, weights=args.weights, device=args.device or get_device())
+    model, schedule, checkpoint = load_checkpoint(args.checkpoint, weights=args.weights, device=args.device or get_device())
     if (model.config["image_channels"], model.config["image_size"]) != (1, 28):
         shape = f"{model.config['image_channels']}x{model.config['image_size']}x{model.config['image_size']}"
         raise SystemExit(f"{args.checkpoint} makes {shape} images; the classifier needs 1x28x28 (Fashion-MNIST)")
@@ -2094,14 +2148,33 @@ def _evaluate_command(args) -> None:
     print(f"{args.num} samples from {args.checkpoint} ({args.weights} weights; {sampler}) on {describe_hardware(next(model.parameters()).device)}")
     accuracy = classifier_checkpoint["test_accuracy"]
     print(f"FID in the features of {args.classifier} (test accuracy {accuracy:.2%}), n = {args.num}, against {args.num} random test images:")
-    print(f"FID samples: {classifier_fid(classifier, samples, real):.3f}")
-    print(f"FID real-data floor: {classifier_fid(classifier, floor, real):.3f}")
-    print(f"FID noise ceiling: {classifier_fid(classifier, noise, real):.3f}")
+    scores = dict(fid=classifier_fid(classifier, samples, real), floor=classifier_fid(classifier, floor, real), ceiling=classifier_fid(classifier, noise, real))
+    print(f"FID samples: {scores['fid']:.3f}")
+    print(f"FID real-data floor: {scores['floor']:.3f}")
+    print(f"FID noise ceiling: {scores['ceiling']:.3f}")
     if "num_classes" in model.config:  # the classes asked for, batch by batch as _draw_samples asked for them
         requested = torch.cat([_sampling_labels(args, model, size) for size in sizes])
         agreement = (classifier_outputs(classifier, samples).argmax(1) == requested).double().mean()
         print(f"classifier agrees with the requested class: {agreement:.1%}")
     print(f"time per image: {1000 * seconds / args.num:.1f} ms")
+    if args.scores:
+        append_scores(args.scores, checkpoint, sampler=sampler, n=args.num, seed=args.seed, weights=args.weights, **scores, ms_per_image=1000 * seconds / args.num, hardware=describe_hardware(next(model.parameters()).device))
+
+
+LOSS_WINDOW = 1000  # training steps whose mean loss a score line reports
+
+
+def append_scores(path: str | Path, checkpoint: dict, **scores) -> None:
+    """Append one JSON line to ``path``: ``scores`` (what ``evaluate`` measured) after the checkpoint's
+    training so far: its step, the mean loss of the last ``LOSS_WINDOW`` steps, its wall time and
+    the hardware of each of its segments."""
+    losses = checkpoint["losses"][-LOSS_WINDOW:]
+    training = dict(
+        step=checkpoint["step"], loss=sum(losses) / len(losses), train_wall_time_s=checkpoint["wall_time_s"],
+        segments=checkpoint.get("segments", []),
+    )  # fmt: skip
+    with open(path, "a") as file:
+        file.write(json.dumps({**training, **scores}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -2131,6 +2204,8 @@ def main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("--fp32", action="store_true", help="no mixed precision (default: bf16/fp16 where the hardware has it)")
     train_parser.add_argument("--num-classes", type=int, help="a class-conditional model for classifier-free guidance (10 for Fashion-MNIST)")
     train_parser.add_argument("--init-from", help="with --num-classes: start from this unconditional checkpoint's EMA weights")
+    train_parser.add_argument("--stop-at", type=int, metavar="STEP", help="planned stop: save the resumable checkpoint after this step and exit, without --out")
+    train_parser.add_argument("--stop-after", type=float, metavar="MINUTES", help="planned stop after this much wall time (whichever stop comes first)")
 
     sample_parser = commands.add_parser("sample", help="draw samples from a checkpoint")
     evaluate_parser = commands.add_parser("evaluate", help="FID of a checkpoint's samples, the real-data floor, time per image")
@@ -2155,6 +2230,7 @@ def main(argv: list[str] | None = None) -> None:
     sample_parser.add_argument("--out", required=True, help=".pt: uint8 tensor (N, C, H, W); .png: image grid")
     evaluate_parser.add_argument("--classifier", default=str(CLASSIFIER_CHECKPOINT), help="classifier whose features FID uses")
     evaluate_parser.add_argument("--batch-size", type=int, default=250, help="images sampled at once")
+    evaluate_parser.add_argument("--scores", metavar="FILE", help="also append the scores and the checkpoint's training so far to FILE, one JSON line")
 
     classifier_parser = commands.add_parser("train-classifier", help="train the Fashion-MNIST classifier that FID uses")
     classifier_parser.add_argument("--epochs", type=int, help=f"default {ClassifierTrainConfig.epochs}")

@@ -1,5 +1,6 @@
 """Notebook 07: FID from scratch, the bits/dim bound, the shipped classifier and the evaluate command."""
 
+import json
 import math
 import re
 
@@ -287,3 +288,18 @@ def test_the_evaluate_command_prints_fid_floor_ceiling_and_time(tiny_checkpoint,
     assert float(re.search(f"time per image: {number} ms", out).group(1)) > 0
     assert "n = 40" in out and "DDIM, 3 steps" in out
     assert 0 < floor < samples and floor < ceiling
+
+
+def test_evaluate_appends_its_scores_and_the_checkpoint_s_training_to_a_file(tiny_checkpoint, tmp_path, capsys):
+    scores = tmp_path / "scores.jsonl"
+    for eta in ("0", "1"):
+        main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--num", "20", "--sampler", "ddim", "--steps", "3", "--eta", eta, "--device", "cpu", "--scores", str(scores)])
+    printed = [float(value) for value in re.findall(r"FID samples: ([0-9.]+)", capsys.readouterr().out)]
+    lines = [json.loads(line) for line in scores.read_text().splitlines()]
+    checkpoint = ddpm_helpers.read_checkpoint(tiny_checkpoint)
+    assert [line["sampler"] for line in lines] == ["DDIM, 3 steps, eta 0.0", "DDIM, 3 steps, eta 1.0"]
+    assert [round(line["fid"], 3) for line in lines] == printed
+    for line in lines:
+        assert line["step"] == 2 and line["n"] == 20 and line["floor"] < line["ceiling"]
+        assert line["loss"] == pytest.approx(sum(checkpoint["losses"]) / 2) and line["train_wall_time_s"] == checkpoint["wall_time_s"]
+        assert line["segments"] == checkpoint["segments"] and "CPU" in line["hardware"]

@@ -461,7 +461,7 @@ def test_a_run_with_every_recipe_option_resumes_exactly(tmp_path):
     """The resumed run must not zero the output layer again nor restart the EMA warm-up or the decay."""
     config = dataclasses.replace(TINY_TRAINING, lr_decay="cosine", ema_warmup=True, zero_init_output=True, min_snr_gamma=5.0)
     straight = train(tiny_model(), tiny_images(), config, device="cpu", progress=False)
-    train(tiny_model(), tiny_images(), dataclasses.replace(config, steps=2), checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False)
+    train(tiny_model(), tiny_images(), config, checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False, stop_at=2)
     resumed = train(tiny_model(seed=1), tiny_images(), config, checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False)
     assert resumed["losses"] == straight["losses"]
     for key, weight in straight["ema"].items():
@@ -504,3 +504,56 @@ def test_cli_switches_each_recipe_option_on_and_off(tmp_path, options, expected)
 def test_cli_refuses_zero_init_on_a_warm_start(tmp_path, shipped):
     with pytest.raises(SystemExit, match="would erase the output layer"):
         main(["train", "--recipe", "cpu", "--num-classes", "10", "--init-from", str(shipped), "--zero-init-output", "--out", str(tmp_path / "c.pt")])
+
+
+# Planned stops: a run carried across working periods (issue 28)
+
+
+def cli_train(tmp_path, monkeypatch, run, *options):
+    """``train --recipe cpu`` through the command line on a tiny model and 64 random images, with the
+    resumable state in ``run`` and the export in ``run``'s folder as ``model.pt``."""
+    monkeypatch.setitem(ddpm_helpers.RECIPES, "cpu", ({**TINY, "image_size": 28}, ddpm_helpers.CPU_TRAIN_CONFIG))
+    images = ddpm_helpers.uint8_to_model(torch.randint(0, 256, (64, 1, 28, 28), generator=torch.Generator().manual_seed(0)))
+    monkeypatch.setattr(ddpm_helpers, "load_fashion_mnist", lambda split: (images, torch.zeros(64, dtype=torch.long)))
+    out = run.parent / "model.pt"
+    main(["train", "--recipe", "cpu", "--steps", "6", "--timesteps", "50", "--out", str(out), "--resume-file", str(run), "--device", "cpu", "--fp32", *options])
+    return out
+
+
+def test_a_run_stopped_twice_and_resumed_through_the_cli_equals_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    """The cpu recipe decays its learning rate to zero at --steps: a resume that restarted the decay,
+    the EMA warm-up or the random stream would give other weights."""
+    (tmp_path / "straight").mkdir(), (tmp_path / "stopped").mkdir()
+    cli_train(tmp_path, monkeypatch, tmp_path / "straight" / "run.pt")
+    stopped = tmp_path / "stopped" / "run.pt"
+    for stop in ("2", "4"):
+        out = cli_train(tmp_path, monkeypatch, stopped, "--stop-at", stop)
+        assert read_checkpoint(stopped)["step"] == int(stop) and not out.exists()  # no export before the end
+        assert f"stopped as planned at step {stop} of 6" in capsys.readouterr().out
+    cli_train(tmp_path, monkeypatch, stopped)
+    straight, resumed = read_checkpoint(tmp_path / "straight" / "run.pt"), read_checkpoint(stopped)
+    assert resumed["step"] == 6 and resumed["losses"] == straight["losses"]
+    for part in ("model", "ema"):
+        for key, weight in straight[part].items():
+            torch.testing.assert_close(resumed[part][key], weight, rtol=0, atol=0)
+    assert [(s["first_step"], s["steps"]) for s in resumed["segments"]] == [(0, 2), (2, 2), (4, 2)]
+    assert all(s["wall_time_s"] > 0 and "CPU" in s["hardware"] for s in resumed["segments"])
+    assert read_checkpoint(tmp_path / "stopped" / "model.pt")["step"] == 6  # exported at the end
+
+
+def test_a_wall_clock_stop_saves_after_the_step_in_progress(tmp_path, monkeypatch):
+    out = cli_train(tmp_path, monkeypatch, tmp_path / "run.pt", "--stop-after", "0")
+    assert read_checkpoint(tmp_path / "run.pt")["step"] == 1 and not out.exists()
+
+
+def test_a_planned_stop_needs_a_checkpoint_to_resume_from():
+    with pytest.raises(ValueError, match="needs a checkpoint_path"):
+        train(tiny_model(), tiny_images(), TINY_TRAINING, device="cpu", progress=False, stop_at=2)
+
+
+def test_resuming_a_decaying_schedule_with_another_length_is_refused(tmp_path):
+    """A cosine decay is planned to reach zero at `steps`; a constant rate may change its length (above)."""
+    config = dataclasses.replace(TINY_TRAINING, lr_decay="cosine")
+    train(tiny_model(), tiny_images(), config, checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False, stop_at=2)
+    with pytest.raises(ValueError, match="planned for 4 steps, and its cosine learning-rate decay reaches zero at step 4"):
+        train(tiny_model(), tiny_images(), dataclasses.replace(config, steps=8), checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False)
