@@ -29,6 +29,7 @@ import platform
 import random
 import re
 import struct
+import tempfile
 import time
 from pathlib import Path
 
@@ -1462,6 +1463,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None, weights: s
 WORK_DIR_VARIABLE = "DDPM_WORK_DIR"  # where training checkpoints and your exported model go
 MODEL_VARIABLE = "DDPM_MODEL"  # a checkpoint for notebooks 05 onwards to use instead of the shipped one
 EXPORT_VARIABLE = "DDPM_EXPORT"  # where notebook 04 exports instead (the job that refreshes the shipped model)
+GUIDANCE_EXPORT_VARIABLE = "DDPM_CFG_EXPORT"  # where notebook 08 exports instead (the same job)
 STUDENT_MODEL_NAME = "my_fashion_mnist_ddpm.pt"
 DRIVE_FOLDER = "/content/drive/MyDrive/ddpm-from-scratch"
 
@@ -1483,10 +1485,15 @@ def student_model_path() -> Path:
     return work_dir() / STUDENT_MODEL_NAME
 
 
-def export_target() -> Path:
-    """Where notebook 04 exports the model it trains: :func:`student_model_path`, or the file named by
-    ``$DDPM_EXPORT`` (README's job that refreshes the published results names the shipped file)."""
-    return Path(os.environ.get(EXPORT_VARIABLE) or student_model_path())
+def export_target(variable: str = EXPORT_VARIABLE, default: Path | None = None) -> Path:
+    """Where a notebook exports the model it trains: the file named by ``$variable`` (``DDPM_EXPORT`` for
+    notebook 04, ``DDPM_CFG_EXPORT`` for 08: README's job that refreshes the published results names the
+    shipped files), else ``default`` (:func:`student_model_path`). In quick mode a new temporary file,
+    whatever the environment says: a quick run's tiny model must never replace a model that later
+    notebooks load or that the course ships."""
+    if QUICK:
+        return Path(tempfile.mkdtemp()) / "quick_model.pt"
+    return Path(os.environ.get(variable) or default or student_model_path())
 
 
 def use_google_drive() -> Path:
@@ -2003,7 +2010,6 @@ def variational_bound_bpd(model, schedule, x0, variance="beta", clip_x0=False, g
 
 SHIPPED_CHECKPOINT = DATA_DIR / "pretrained" / "fashion_mnist_ddpm.pt"
 GUIDANCE_CHECKPOINT = DATA_DIR / "pretrained" / "fashion_mnist_cfg.pt"  # class-conditional, notebook 08
-GUIDANCE_EXPORT_VARIABLE = "DDPM_CFG_EXPORT"  # where notebook 08 exports instead (the job that refreshes the shipped model)
 MAX_SHIPPED_MB = 20
 
 

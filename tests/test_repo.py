@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -111,29 +112,99 @@ def readme_device_job() -> str:
     return next(block for block in blocks if '"$OUT"' in block)
 
 
-def test_the_device_job_dry_runs_in_quick_mode(tmp_path):
-    """README's GPU job, run as written on a copy of the repository in quick mode: each notebook
-    executes in place and reaches $OUT with the model and the log, and quick mode ships nothing."""
+# Stand-ins for notebooks 04-08 in the dry run of README's GPU job: the job is tested, not the notebooks
+# (nbval executes those), so each stand-in does only what the job relies on, in two cells.
+TINY_UNET = "dict(image_size=28, base_channels=8, channel_mults=[1, 2], num_res_blocks=1, attention_resolutions=[], dropout=0.0, norm_groups=4)"
+STAND_IN_SETUP = "import os, sys, tempfile\nfrom pathlib import Path\nsys.path.insert(0, str(Path.cwd().parent))  # the course folder, as the set-up cells do\nimport ddpm_helpers as h\nimages, labels = h.load_fashion_mnist('train')\nprint(len(images), 'training images from', os.environ.get('DDPM_DATA_DIR'))"
+STAND_IN_EXPORT = """resumable = Path(tempfile.mkdtemp()) / 'run.pt'
+config = h.TrainConfig(steps=2, batch_size=4, warmup_steps=1, timesteps=50, checkpoint_every=2, seed={seed})
+h.train(h.UNet(**{unet}{classes}), images, config, checkpoint_path=resumable, device='cpu', progress=False{labels})
+print('exported to', h.in_course(h.export_checkpoint(resumable, h.export_target({variable}))))"""
+STAND_IN_LOAD = "model, schedule, checkpoint = h.load_course_model(device='cpu')\nprint('loaded the model trained with seed', checkpoint['train_config']['seed'])"
+STAND_INS = {
+    "04_training": STAND_IN_EXPORT.format(seed=404, unet=TINY_UNET, classes="", labels="", variable=""),
+    "05_sampling": STAND_IN_LOAD,
+    "06_ddim": STAND_IN_LOAD,
+    "07_evaluation": STAND_IN_LOAD,
+    "08_guidance": STAND_IN_EXPORT.format(seed=808, unet=TINY_UNET, classes=", num_classes=10", labels=", labels=labels", variable="h.GUIDANCE_EXPORT_VARIABLE"),
+}
+JOB_NOTEBOOKS = list(STAND_INS)
+JOB_MODELS = ["fashion_mnist_ddpm.pt", "fashion_mnist_cfg.pt"]
+
+
+def run_device_job(folder: Path, failing: str | None = None) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """README's GPU job, run as written on a copy of the repository whose notebooks 04-08 are stand-ins
+    (``failing`` raises in its second cell) and whose data/fashion-mnist holds 8 images: the copy and $OUT."""
+    import nbformat
+
     job = readme_device_job()
     assert len(job) < 2000, "the device tool takes commands of at most 2,000 characters"
-    copy = tmp_path / "course"
+    copy = folder / "course"
     for name in subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split():
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         (copy / name).write_bytes((ROOT / name).read_bytes())
-    out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "DDPM_QUICK": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("DDPM_EXPORT", None)
-    done = subprocess.run(["bash", "-c", job], cwd=copy, env=env, capture_output=True, text=True, timeout=1800)
+    for name, code in STAND_INS.items():
+        code = "raise RuntimeError('a stand-in that fails')" if name == failing else code
+        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(STAND_IN_SETUP), nbformat.v4.new_code_cell(code)])
+        notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(notebook, copy / "notebooks" / f"{name}.ipynb")
+    generator = torch.Generator().manual_seed(0)
+    for stem, shape in (("train-images-idx3-ubyte", (8, 28, 28)), ("train-labels-idx1-ubyte", (8,))):
+        ddpm_helpers.write_idx(copy / "data" / "fashion-mnist" / f"{stem}.gz", torch.randint(0, 10 if len(shape) == 1 else 256, shape, generator=generator).numpy())
+    out = folder / "out"
+    env = {**os.environ, "OUT": str(out), "DDPM_QUICK": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for variable in ("DDPM_EXPORT", "DDPM_CFG_EXPORT", "DDPM_WORK_DIR", "DDPM_MODEL", "DDPM_DATA_DIR"):
+        env.pop(variable, None)
+    done = subprocess.run(["bash", "-c", job], cwd=copy, env=env, capture_output=True, text=True, timeout=600)
+    return done, copy, out
+
+
+def cell_text(cell) -> str:
+    return "".join("".join(o.get("text", "")) + "".join(o.get("traceback", [])) for o in cell["outputs"])
+
+
+def test_the_device_job_runs_the_notebooks_in_order_and_their_exports_reach_out(tmp_path):
+    """04's export is what 05-07 load and what reaches $OUT, 08's too; each notebook executes in place
+    and $OUT holds it as executed; the data folder reaches the notebooks."""
+    done, copy, out = run_device_job(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    names = ["04_training", "05_sampling", "06_ddim", "07_evaluation", "08_guidance"]
-    models = ["fashion_mnist_ddpm.pt", "fashion_mnist_cfg.pt"]
-    assert {p.name for p in out.iterdir()} == {f"{n}.ipynb" for n in names} | set(models) | {"log"}
-    for name in names:
+    assert {p.name for p in out.iterdir()} == {f"{n}.ipynb" for n in JOB_NOTEBOOKS} | set(JOB_MODELS) | {"log"}
+    log = (out / "log").read_text()
+    assert [line.split()[1] for line in log.splitlines() if line.startswith("== 0")] == JOB_NOTEBOOKS and "failed=0" in log
+    for name in JOB_NOTEBOOKS:
         executed = json.loads((copy / "notebooks" / f"{name}.ipynb").read_text())
         assert executed == json.loads((out / f"{name}.ipynb").read_text()), f"{name}: $OUT must hold the notebook as executed"
-        code = [c for c in executed["cells"] if c["cell_type"] == "code"]
-        assert all(c["execution_count"] for c in code), f"{name} did not run to the end"
-        assert not [o for c in code for o in c["outputs"] if o["output_type"] == "error"], name
-    for model in models:  # quick mode exports elsewhere: the shipped files come back unchanged
-        assert (out / model).read_bytes() == (ROOT / "data" / "pretrained" / model).read_bytes()
-    assert "failed=0" in (out / "log").read_text()
+        setup, work = executed["cells"]
+        assert f"8 training images from {copy / 'data' / 'fashion-mnist'}" in cell_text(setup), name
+        if name in ("05_sampling", "06_ddim", "07_evaluation"):
+            assert "loaded the model trained with seed 404" in cell_text(work), name
+    for model, seed in zip(JOB_MODELS, (404, 808)):  # the exports went over the copy's shipped files, and on to $OUT
+        assert (out / model).read_bytes() == (copy / "data" / "pretrained" / model).read_bytes()
+        assert ddpm_helpers.read_checkpoint(out / model)["train_config"]["seed"] == seed
+
+
+def test_the_device_job_reports_a_failed_notebook_and_keeps_what_it_ran(tmp_path):
+    """A notebook that fails: the job goes on to the next, exits 1, and $OUT has the failed notebook up
+    to the failing cell (it is copied after every cell)."""
+    done, _, out = run_device_job(tmp_path, failing="06_ddim")
+    assert done.returncode == 1 and "failed=1" in (out / "log").read_text()
+    setup, failed = json.loads((out / "06_ddim.ipynb").read_text())["cells"]
+    assert "8 training images" in cell_text(setup) and "a stand-in that fails" in cell_text(failed)
+    later = json.loads((out / "08_guidance.ipynb").read_text())["cells"]
+    assert "exported to data/pretrained/fashion_mnist_cfg.pt" in cell_text(later[1])
+
+
+def test_quick_mode_exports_to_a_temporary_file_whatever_the_environment_says(tmp_path):
+    """So a quick run of notebooks 04 and 08 (the test command, or the GPU job run in quick mode) never
+    replaces the model that later notebooks load or that the course ships."""
+    code = "import ddpm_helpers as h; print(h.export_target()); print(h.export_target(h.GUIDANCE_EXPORT_VARIABLE, 'mine.pt'))"
+    targets = {"DDPM_EXPORT": str(tmp_path / "a.pt"), "DDPM_CFG_EXPORT": str(tmp_path / "b.pt")}
+    for quick, env in (("0", targets), ("0", {}), ("1", targets)):
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env, "DDPM_QUICK": quick}, capture_output=True, text=True, check=True)
+        first, second = map(Path, done.stdout.split())
+        if quick == "1":
+            assert first.parent != second.parent and tempfile.gettempdir() == str(first.parent.parent) == str(second.parent.parent)
+        elif env:
+            assert (first, second) == (tmp_path / "a.pt", tmp_path / "b.pt")
+        else:
+            assert (first, second) == (ddpm_helpers.student_model_path(), Path("mine.pt"))
