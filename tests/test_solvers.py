@@ -166,9 +166,14 @@ def test_doubling_the_steps_divides_the_error_by_two_for_ddim_and_by_four_for_th
     assert low < error(solver, 20) / error(solver, 40) < high
 
 
-@pytest.mark.parametrize("options", [dict(spacing="time"), dict(spacing="karras"), dict(sigma_to_t="nearest", spacing="karras")])
-def test_heun_is_second_order_on_every_spacing(options):
-    assert 3.5 < error("Heun", 20, **options) / error("Heun", 40, **options) < 5.5
+@pytest.mark.parametrize("solver, options", [
+    ("Heun", dict(spacing="time")), ("Heun", dict(spacing="logSNR")), ("Heun", dict(spacing="karras", sigma_to_t="nearest")),
+    ("DPM-Solver++", dict(spacing="karras")), ("DPM-Solver++", dict(spacing="karras", sigma_to_t="nearest")),
+])  # fmt: skip
+def test_the_solvers_are_second_order_on_other_spacings(solver, options):
+    """Karras levels are not uniform in lambda, so they also test DPM-Solver++'s step ratio r = h_previous / h."""
+    assert 3.5 < error(solver, 20, **options) / error(solver, 40, **options) < 5.5
+    assert error(solver, 40, **options) < error("DDIM", 40) / 4
 
 
 def test_at_20_steps_the_second_order_solvers_are_closer_to_the_exact_answer_than_ddim():
