@@ -1797,9 +1797,10 @@ def sigma_to_t(schedule: Schedule, sigmas: torch.Tensor, mode: str = "interpolat
     ``"nearest"``: the code t whose sigma_t is nearest in log sigma, a long tensor. The network then sees
     only timesteps it was trained at, and a solver must step with that sigma_t, not the one it asked for
     (Karras et al. do this for their discrete-time ADM model). ``"interpolate"``: a fractional t, linear
-    in log sigma between the two neighbouring levels, float64, as Lu et al.'s discrete-time wrapper and
-    diffusers do. The solver keeps its sigma exactly and trusts the timestep embedding between integers
-    (it is defined for real t, but the network was trained on integers only: notebook 09 measures it)."""
+    in log sigma between the two neighbouring levels, float64, as diffusers' schedulers do (Lu et al.'s
+    discrete-time wrapper interpolates log sqrt(alpha-bar) instead). The solver keeps its sigma exactly and
+    trusts the timestep embedding between integers (it is defined for real t, but the network was trained
+    on integers only: notebook 09 measures it)."""
     check_choice("sigma_to_t", mode, SIGMA_TO_T)
     log_sigmas, log_sigma = schedule_sigmas(schedule).log(), cpu_float64(sigmas).log()
     if mode == "nearest":
