@@ -800,7 +800,8 @@ def check_unet_config(config: dict) -> None:
 
 class UNet(nn.Module):
     """The noise predictor eps_theta(x_t, t) of DDPM: ``(B, C, H, W)`` images and ``(B,)`` integer
-    timesteps in, predicted noise of the same shape out.
+    timesteps in, predicted noise of the same shape out. (The sinusoidal embedding is defined for real t
+    too: notebook 09's solvers may ask for a timestep between two integers, see :func:`sigma_to_t`.)
 
     Levels run at ``image_size``, /2, /4, ... with widths ``base_channels * channel_mults[i]``; each level
     has ``num_res_blocks`` blocks (``block_type`` "resnet" or "convnext") on the way down and up, joined by
@@ -1771,6 +1772,229 @@ def ddim_sample(
 
 
 # ---------------------------------------------------------------------------------------------
+# Notebook 09: fewer network calls (the probability-flow ODE; Heun, DPM-Solver++)
+# ---------------------------------------------------------------------------------------------
+#
+# The solvers work in the variables of DDIM's section 4.3 and of Karras et al. (2022):
+# y = x / sqrt(alpha-bar) and sigma = sqrt((1 - alpha-bar) / alpha-bar), so that y = x_0 + sigma eps.
+# In them the probability-flow ODE of DDPM is dy/dsigma = eps_theta(y / sqrt(1 + sigma^2), t(sigma))
+# (DDIM eq. 14), and D(y; sigma) = y - sigma eps_theta is the predicted x_0. Each solver visits a
+# decreasing list of levels (t, sigma) from sigma_{T-1} to sigma_0, then takes one last step to
+# sigma = 0, where y is x_0. DPM-Solver's lambda (half the log-SNR) is -log sigma.
+
+SPACINGS = ("time", "logSNR", "karras")
+SIGMA_TO_T = ("nearest", "interpolate")
+KARRAS_RHO = 7.0  # Karras et al.'s rho: levels uniform in sigma^(1/rho), dense near sigma_min
+
+
+def schedule_sigmas(schedule: Schedule) -> torch.Tensor:
+    """sigma_t = sqrt((1 - alpha-bar_t) / alpha-bar_t) = SNR_t^(-1/2) at every code t, increasing with t,
+    in float64 on the CPU (from :meth:`Schedule.snr`): the noise level of y = x / sqrt(alpha-bar_t)."""
+    return schedule.snr().rsqrt()
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(str, choices))}")
+
+
+def sigma_to_t(schedule: Schedule, sigmas: torch.Tensor, mode: str = "interpolate") -> torch.Tensor:
+    """The model timestep for each noise level in ``sigmas`` (float64, within the schedule's range).
+
+    ``"nearest"``: the code t whose sigma_t is nearest in log sigma, a long tensor. The network then sees
+    only timesteps it was trained at, and a solver must step with that sigma_t, not the one it asked for
+    (Karras et al. do this for their discrete-time ADM model). ``"interpolate"``: a fractional t, linear
+    in log sigma between the two neighbouring levels, float64, as diffusers' schedulers do (Lu et al.'s
+    discrete-time wrapper interpolates log sqrt(alpha-bar) instead). The solver keeps its sigma exactly and
+    trusts the timestep embedding between integers (it is defined for real t, but the network was trained
+    on integers only: notebook 09 measures it)."""
+    check_choice("sigma_to_t", mode, SIGMA_TO_T)
+    log_sigmas, log_sigma = schedule_sigmas(schedule).log(), cpu_float64(sigmas).log()
+    if mode == "nearest":
+        return (rearrange(log_sigma, "n -> n 1") - log_sigmas).abs().argmin(dim=1)
+    upper = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(log_sigmas) - 1)
+    lower = upper - 1
+    fraction = (log_sigma - log_sigmas[lower]) / (log_sigmas[upper] - log_sigmas[lower])
+    return (lower + fraction).clamp(0, len(log_sigmas) - 1)
+
+
+def solver_sigmas(schedule: Schedule, steps: int, spacing: str = "karras", rho: float = KARRAS_RHO) -> torch.Tensor:
+    """``steps`` noise levels, strictly decreasing from sigma_max = sigma_{T-1} to sigma_min = sigma_0,
+    float64 on the CPU; a solver takes one step from each, the last one to sigma = 0 (x_0).
+
+    ``"time"``: sigma at DDIM's timesteps (:func:`ddim_timesteps`), uniform in t. ``"logSNR"``: uniform in
+    lambda = -log sigma (Lu et al. 2022). ``"karras"``: Karras et al.'s eq. 5,
+    sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho. One step: sigma_max."""
+    check_choice("spacing", spacing, SPACINGS)
+    if not 1 <= steps <= schedule.timesteps:
+        raise ValueError(f"steps must lie in 1..{schedule.timesteps} (the model's T), got {steps}")
+    sigmas = schedule_sigmas(schedule)
+    if spacing == "time":
+        return sigmas[ddim_timesteps(schedule.timesteps, steps)]
+    if steps == 1:
+        return sigmas[-1:]
+    sigma_max, sigma_min = sigmas[-1], sigmas[0]
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)[1:-1]  # the inner levels; both ends are the schedule's own
+    if spacing == "logSNR":
+        inner = (sigma_max.log() + ramp * (sigma_min.log() - sigma_max.log())).exp()
+    else:
+        inner = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([sigmas[-1:], inner, sigmas[:1]])
+
+
+def solver_levels(schedule: Schedule, steps: int, spacing: str, sigma_to_t_mode: str = "interpolate") -> list[tuple[int | float, float]]:
+    """The (t, sigma) pairs a solver visits, from :func:`solver_sigmas`: an int t where sigma is one of the
+    schedule's levels ("time" spacing, or ``"nearest"``, which moves sigma onto the level of its t),
+    a float t from :func:`sigma_to_t` otherwise. With ``"nearest"``, levels that round to the same t
+    would make a step of length zero: they are refused."""
+    sigmas = solver_sigmas(schedule, steps, spacing)
+    check_choice("sigma_to_t", sigma_to_t_mode, SIGMA_TO_T)
+    if spacing == "time":
+        return list(zip(ddim_timesteps(schedule.timesteps, steps), sigmas.tolist()))
+    t = sigma_to_t(schedule, sigmas, sigma_to_t_mode)
+    if sigma_to_t_mode == "nearest":
+        if (t[1:] == t[:-1]).any():
+            raise ValueError(
+                f"{steps} {spacing} steps with sigma_to_t='nearest' round two levels to the same timestep; "
+                "expected strictly decreasing timesteps: use fewer steps or sigma_to_t='interpolate'"
+            )
+        sigmas = schedule_sigmas(schedule)[t]
+    return list(zip(t.tolist(), sigmas.tolist()))
+
+
+def denoise(model, y: torch.Tensor, level: tuple[int | float, float], clip_x0=False, labels=None, guidance=0.0) -> torch.Tensor:
+    """Karras et al.'s denoiser D(y; sigma) = y - sigma eps_theta(x, t) with x = y / sqrt(1 + sigma^2): the
+    predicted x_0 of DDIM eq. 9, written in y. ``level`` is (t, sigma); an int t goes to the model as a
+    long tensor, a float t in the images' dtype. ``clip_x0`` clips D to [-1, 1], which in y is DDIM's
+    clipped x0_hat with the noise recomputed from it. ``labels``, ``guidance``: :func:`guided_eps`."""
+    t, sigma = level
+    x = y / math.sqrt(1 + sigma**2)
+    t_batch = torch.full((len(y),), t, device=y.device, dtype=torch.long if isinstance(t, int) else y.dtype)
+    x0 = y - sigma * guided_eps(model, x, t_batch, labels, guidance)
+    return x0.clamp(-1, 1) if clip_x0 else x0
+
+
+def level_pairs(levels: list) -> list[tuple]:
+    """(level, next level) for every step; the next level of the last step is None: sigma = 0, x_0."""
+    return list(zip(levels, levels[1:] + [None]))
+
+
+@torch.inference_mode()
+def heun_step(model, x, level, level_next, clip_x0=False, labels=None, guidance=0.0) -> torch.Tensor:
+    """One step of Karras et al.'s Algorithm 1 (deterministic, second order) from x at ``level`` (t, sigma)
+    to ``level_next``: Euler, y' = y + (sigma_next - sigma) d with the slope d = (y - D(y; sigma)) / sigma,
+    then Heun's correction y + (sigma_next - sigma) (d + d') / 2 with the slope d' at (y', sigma_next): two
+    network calls. To x_0 (``level_next`` None, sigma_next = 0) the Euler step alone, one call, which
+    lands on D(y; sigma) itself: DDIM's last step."""
+    sigma = level[1]
+    y = x * math.sqrt(1 + sigma**2)
+    x0 = denoise(model, y, level, clip_x0, labels, guidance)
+    if level_next is None:
+        return x0
+    sigma_next = level_next[1]
+    slope = (y - x0) / sigma
+    y_euler = y + (sigma_next - sigma) * slope
+    slope_next = (y_euler - denoise(model, y_euler, level_next, clip_x0, labels, guidance)) / sigma_next
+    y_next = y + (sigma_next - sigma) * (slope + slope_next) / 2
+    return y_next / math.sqrt(1 + sigma_next**2)
+
+
+def heun_sample(
+    model,
+    schedule,
+    shape,
+    steps=10,
+    spacing="karras",
+    sigma_to_t="interpolate",
+    clip_x0=False,
+    generator=None,
+    return_all=False,
+    x_T=None,
+    device=None,
+    progress=True,
+    labels=None,
+    guidance=0.0,
+) -> torch.Tensor:
+    """Karras et al.'s deterministic Heun sampler (their Algorithm 1) on the probability-flow ODE, along
+    ``steps`` levels of :func:`solver_levels` (Karras spacing with rho = 7 by default, sigma_max and
+    sigma_min the schedule's). Every step but the last makes two network calls, the last one (Euler,
+    to x_0) one: ``2 * steps - 1`` calls in all. ``sigma_to_t`` maps a sigma between the schedule's
+    levels to a timestep (:func:`sigma_to_t`). Returns like :func:`ddim_sample`: x_0, or with
+    ``return_all`` the ``steps + 1`` states from x_T; ``generator`` only draws x_T. ``labels``,
+    ``guidance``: :func:`guided_eps`."""
+
+    def step(x, pair):
+        return heun_step(model, x, *pair, clip_x0, labels, guidance)
+
+    pairs = level_pairs(solver_levels(schedule, steps, spacing, sigma_to_t))
+    return reverse_chain(model, shape, step, pairs, x_T, generator, return_all, device, progress, schedule)
+
+
+def dpm_solver_update(y, sigma: float, sigma_next: float, x0, previous=None, noise=None):
+    """One DPM-Solver++ step (Lu et al. 2022) from y at sigma to sigma_next, given the data prediction
+    x0 = D(y; sigma); with h = lambda_next - lambda = log(sigma / sigma_next), e^(-h) = sigma_next / sigma.
+
+    First order (DPM-Solver++1): y_next = e^(-h) y + (1 - e^(-h)) x0, which is DDIM with eta = 0. Second
+    order, multistep (2M, their Algorithm 2): ``previous`` = (x0_previous, h_previous) of the step before
+    replaces x0 by D = x0 + (x0 - x0_previous) / (2 r) with r = h_previous / h, x0 extrapolated linearly
+    in lambda. With ``noise`` (the SDE variant), e^(-h) becomes e^(-2h) and sigma_next sqrt(1 - e^(-2h))
+    noise is added; at first order that is DDIM with eta = 1."""
+    if previous is not None:
+        x0_previous, h_previous = previous
+        x0 = x0 + (x0 - x0_previous) * math.log(sigma / sigma_next) / (2 * h_previous)
+    ratio = sigma_next / sigma
+    if noise is None:
+        return ratio * y + (1 - ratio) * x0
+    return ratio**2 * y + (1 - ratio**2) * x0 + sigma_next * math.sqrt(1 - ratio**2) * noise
+
+
+def dpm_solver_sample(
+    model,
+    schedule,
+    shape,
+    steps=20,
+    order=2,
+    spacing="logSNR",
+    sigma_to_t="interpolate",
+    sde=False,
+    clip_x0=False,
+    generator=None,
+    return_all=False,
+    x_T=None,
+    device=None,
+    progress=True,
+    labels=None,
+    guidance=0.0,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep) with ``steps`` network calls, one per
+    level of :func:`solver_levels` (default uniform in lambda = log-SNR / 2, Lu et al.'s advice for small
+    images). ``order=2`` takes the first step and the last one, to x_0 (h is infinite there), at first
+    order and every other step at second order; ``order=1`` is DDIM with eta = 0 on the same levels.
+    ``sde=True`` is DPM-Solver++(2M) SDE, which draws one z from ``generator`` at every step (as
+    :func:`ddim_sample` does), so that its first order follows DDIM with eta = 1. Returns like
+    :func:`ddim_sample` (``return_all``: ``steps + 1`` states); ``labels``, ``guidance``: :func:`guided_eps`."""
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2 (DPM-Solver++ first order, or its 2M multistep), got {order!r}")
+    previous = None  # (x0, h) of the step before: the multistep's memory
+
+    def step(x, pair):
+        nonlocal previous
+        level, level_next = pair
+        sigma, sigma_next = level[1], (0.0 if level_next is None else level_next[1])
+        y = x * math.sqrt(1 + sigma**2)
+        x0 = denoise(model, y, level, clip_x0, labels, guidance)
+        multistep = previous if order == 2 and sigma_next > 0 else None  # first order to x_0: h is infinite
+        noise = _noise_like(x, generator) if sde else None
+        y_next = dpm_solver_update(y, sigma, sigma_next, x0, multistep, noise)
+        if sigma_next > 0:
+            previous = (x0, math.log(sigma / sigma_next))
+        return y_next / math.sqrt(1 + sigma_next**2)
+
+    pairs = level_pairs(solver_levels(schedule, steps, spacing, sigma_to_t))
+    return reverse_chain(model, shape, step, pairs, x_T, generator, return_all, device, progress, schedule)
+
+
+# ---------------------------------------------------------------------------------------------
 # Notebook 07: measuring sample quality
 # ---------------------------------------------------------------------------------------------
 
@@ -2080,6 +2304,9 @@ def _train_command(args) -> None:
     print(f"trained {checkpoint['step']} steps in {checkpoint['wall_time_s'] / 60:.1f} min on {checkpoint['hardware']}; wrote {args.out}")
 
 
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde", "heun")
+
+
 def _sampling_labels(args, model, num: int) -> torch.Tensor | None:
     """The classes to draw: none for an unconditional checkpoint (which refuses --label and --guidance);
     for a conditional one, --label for every image, or without it every class in turn."""
@@ -2100,7 +2327,23 @@ def _draw_samples(args, model, schedule, num: int, generator: torch.Generator) -
     labels, guidance = _sampling_labels(args, model, num), args.guidance or 0.0
     if args.sampler == "ddpm":
         return p_sample_loop(model, schedule, shape, variance=args.variance, generator=generator, labels=labels, guidance=guidance)
-    return ddim_sample(model, schedule, shape, steps=args.steps, eta=args.eta, generator=generator, labels=labels, guidance=guidance)
+    if args.sampler == "ddim":
+        return ddim_sample(model, schedule, shape, steps=args.steps, eta=args.eta, generator=generator, labels=labels, guidance=guidance)
+    if args.sampler == "heun":
+        return heun_sample(model, schedule, shape, steps=args.steps, generator=generator, labels=labels, guidance=guidance)
+    sde = args.sampler == "dpm-solver++-sde"
+    return dpm_solver_sample(model, schedule, shape, steps=args.steps, sde=sde, generator=generator, labels=labels, guidance=guidance)
+
+
+def _sampler_description(args) -> str:
+    """The sampler of a command line in words, with its network calls per image."""
+    return {
+        "ddpm": f"DDPM, variance {args.variance}",
+        "ddim": f"DDIM, {args.steps} steps, eta {args.eta}",
+        "heun": f"Heun (Karras et al.), {args.steps} steps = {2 * args.steps - 1} network calls, Karras sigmas",
+        "dpm-solver++": f"DPM-Solver++(2M), {args.steps} steps, logSNR spacing",
+        "dpm-solver++-sde": f"DPM-Solver++(2M) SDE, {args.steps} steps, logSNR spacing",
+    }[args.sampler]
 
 
 def _sample_command(args) -> None:
@@ -2148,7 +2391,7 @@ def _evaluate_command(args) -> None:
     batches = [_draw_samples(args, model, schedule, size, generator).cpu() for size in sizes]
     seconds = time.perf_counter() - started
     samples = uint8_to_model(model_to_uint8(torch.cat(batches)))  # scored as saved: clamped and rounded to 8 bits
-    sampler = f"DDIM, {args.steps} steps, eta {args.eta}" if args.sampler == "ddim" else f"DDPM, variance {args.variance}"
+    sampler = _sampler_description(args)
     if "num_classes" in model.config:
         sampler += f", {'classes in turn' if args.label is None else f'label {args.label}'}, guidance w = {args.guidance or 0.0}"
     print(f"{args.num} samples from {args.checkpoint} ({args.weights} weights; {sampler}) on {describe_hardware(next(model.parameters()).device)}")
@@ -2218,8 +2461,10 @@ def main(argv: list[str] | None = None) -> None:
     for sampling_parser, num in ((sample_parser, 16), (evaluate_parser, 1000)):
         sampling_parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
         sampling_parser.add_argument("--num", type=int, default=num)
-        sampling_parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-        sampling_parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+        sampling_parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="dpm-solver++ and heun: notebook 09")
+        sampling_parser.add_argument(
+            "--steps", type=int, default=50, help="steps of ddim and dpm-solver++ (one network call each) and of heun (2 x steps - 1 calls)"
+        )
         sampling_parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
         sampling_parser.add_argument("--variance", choices=VARIANCES, default="beta", help="DDPM sigma_t^2")
         sampling_parser.add_argument("--seed", type=int, default=0)
