@@ -127,6 +127,7 @@ STAND_INS = {
     "06_ddim": STAND_IN_LOAD,
     "07_evaluation": STAND_IN_LOAD,
     "08_guidance": STAND_IN_EXPORT.format(seed=808, unet=TINY_UNET, classes=", num_classes=10", labels=", labels=labels", variable="h.GUIDANCE_EXPORT_VARIABLE"),
+    "09_fast_samplers": STAND_IN_LOAD,
 }
 JOB_NOTEBOOKS = list(STAND_INS)
 JOB_MODELS = ["fashion_mnist_ddpm.pt", "fashion_mnist_cfg.pt"]
@@ -176,7 +177,7 @@ def test_the_device_job_runs_the_notebooks_in_order_and_their_exports_reach_out(
         assert executed == json.loads((out / f"{name}.ipynb").read_text()), f"{name}: $OUT must hold the notebook as executed"
         setup, work = executed["cells"]
         assert f"8 training images from {copy / 'data' / 'fashion-mnist'}" in cell_text(setup), name
-        if name in ("05_sampling", "06_ddim", "07_evaluation"):
+        if name in ("05_sampling", "06_ddim", "07_evaluation", "09_fast_samplers"):
             assert "loaded the model trained with seed 404" in cell_text(work), name
     for model, seed in zip(JOB_MODELS, (404, 808)):  # the exports went over the copy's shipped files, and on to $OUT
         assert (out / model).read_bytes() == (copy / "data" / "pretrained" / model).read_bytes()
