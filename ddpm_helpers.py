@@ -1211,10 +1211,19 @@ def random_state(device: torch.device) -> dict:
     return state
 
 
-def set_random_state(state: dict, device: torch.device) -> None:
+def set_random_state(state: dict, device: torch.device, seed: int) -> None:
+    """Restore :func:`random_state`'s state for training on ``device``. A state saved on a CPU has no GPU
+    generator: on a GPU, every GPU generator is then seeded with ``seed`` (the same each time).
+
+    Exact means: resumed on the device type it was saved on, a run draws exactly the batches, timesteps,
+    noise and dropout masks an uninterrupted one would. Across device types it cannot: a GPU draws them
+    from its own generator, which a CPU does not have (and a GPU's state is not used on a CPU). There the
+    resumed run draws a stream of its own, the same every time that checkpoint resumes."""
     torch.set_rng_state(state["cpu"])
-    if device.type == "cuda":
+    if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
 
 
 def check_finite_losses(losses: list[float], first_step: int, config: TrainConfig) -> None:
@@ -1422,9 +1431,10 @@ def _resume(path, model, ema, optimizer, warmup, scaler, config, device) -> dict
     ema.n_averaged.copy_(checkpoint["ema_n_averaged"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     warmup.load_state_dict(checkpoint["warmup"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint.get("scaler"):  # empty if written with the scaler off (bf16, float32): fp16 then starts a fresh one
+        scaler.load_state_dict(checkpoint["scaler"])
     if "random_state" in checkpoint:
-        set_random_state(checkpoint["random_state"], device)
+        set_random_state(checkpoint["random_state"], device, seed=config.seed + checkpoint["step"])
     else:  # written before checkpoints kept the random state: at least do not repeat the draws done
         seed_everything(config.seed + checkpoint["step"])
     resumed = {key: checkpoint[key] for key in ("step", "losses", "wall_time_s")}

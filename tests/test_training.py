@@ -557,3 +557,68 @@ def test_resuming_a_decaying_schedule_with_another_length_is_refused(tmp_path):
     train(tiny_model(), tiny_images(), config, checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False, stop_at=2)
     with pytest.raises(ValueError, match="planned for 4 steps, and its cosine learning-rate decay reaches zero at step 4"):
         train(tiny_model(), tiny_images(), dataclasses.replace(config, steps=8), checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False)
+
+
+# Resuming on another device (issue 29): Colab hands out a T4 (fp16, GradScaler on), an L4/A100 (bf16,
+# scaler off) or a CPU runtime from one day to the next. The CPU writes what each would write.
+
+DEVICES = {"cpu": None, "bf16 gpu": torch.bfloat16, "fp16 gpu": torch.float16}
+
+
+def a_gpu_s_random_state(checkpoint: dict) -> dict:
+    """The random state a GPU run saves: the CPU's and the GPU's (a CUDA generator's state is 16 bytes:
+    its seed and its Philox offset)."""
+    cuda = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
+    return {**checkpoint["random_state"], "cuda": cuda}
+
+
+@pytest.mark.parametrize("writer", DEVICES)
+@pytest.mark.parametrize("reader", DEVICES)
+def test_a_run_resumes_on_any_device_from_a_checkpoint_of_any_other(tmp_path, monkeypatch, writer, reader):
+    """A checkpoint written with the scaler off holds an empty scaler state: an fp16 reader starts a
+    fresh scaler instead of failing; a GPU's random state resumes on a CPU."""
+    path = tmp_path / "run.pt"
+    monkeypatch.setattr(ddpm_helpers, "autocast_dtype", lambda device: DEVICES[writer])
+    train(tiny_model(), tiny_images(), dataclasses.replace(TINY_TRAINING, steps=2), checkpoint_path=path, device="cpu", progress=False)
+    if writer != "cpu":
+        checkpoint = torch.load(path, weights_only=True)
+        torch.save({**checkpoint, "random_state": a_gpu_s_random_state(checkpoint)}, path)
+    monkeypatch.setattr(ddpm_helpers, "autocast_dtype", lambda device: DEVICES[reader])
+    result = train(tiny_model(), tiny_images(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    assert result["step"] == 4 and all(math.isfinite(loss) for loss in result["losses"])
+    if reader == "fp16 gpu":  # unskipped steps at the initial scale: the writer's 2 if it kept a scaler, then 2 more
+        assert result["scaler"]["scale"] == 2.0**16 and result["scaler"]["_growth_tracker"] == (4 if writer == "fp16 gpu" else 2)
+    else:
+        assert result["scaler"] == {}
+
+
+def resume_on(device, path, config, monkeypatch):
+    """``_resume`` into the objects train builds, for a GPU this machine does not have: returns the
+    seeds given to the GPU generators and the GPU states set while it ran."""
+    model = tiny_model(seed=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ddpm_helpers.learning_rate_factor(step, config))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    seeds, states = [], []
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "manual_seed_all", seeds.append)
+        patch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": states.append(state))
+        resumed = ddpm_helpers._resume(path, model, make_ema(model, config.ema_decay), optimizer, warmup, scaler, config, torch.device(device))
+    assert resumed["step"] == 2
+    return seeds, states
+
+
+def test_a_cpu_checkpoint_resumes_on_a_gpu_with_its_generator_seeded_from_the_run(tmp_path, monkeypatch):
+    """A CPU run saves no CUDA random state: the GPU's generator is seeded from the run's seed and step
+    (the same every time that checkpoint resumes) and the CPU's state is restored as saved."""
+    path = tmp_path / "run.pt"
+    config = dataclasses.replace(TINY_TRAINING, seed=3)
+    train(tiny_model(), tiny_images(), config, checkpoint_path=path, device="cpu", progress=False, stop_at=2)
+    checkpoint = read_checkpoint(path)
+    for _ in range(2):
+        torch.manual_seed(123)
+        assert resume_on("cuda", path, config, monkeypatch) == ([3 + 2], [])
+        assert torch.equal(torch.get_rng_state(), checkpoint["random_state"]["cpu"])
+    torch.save({**checkpoint, "random_state": a_gpu_s_random_state(checkpoint)}, path)
+    seeds, states = resume_on("cuda", path, config, monkeypatch)  # a GPU's checkpoint on a GPU: its state as saved
+    assert seeds == [] and len(states) == 1 and torch.equal(states[0], a_gpu_s_random_state(checkpoint)["cuda"])
