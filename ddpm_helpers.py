@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import contextvars
 import dataclasses
 import gzip
 import io
@@ -37,7 +38,7 @@ import torch
 from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -237,13 +238,29 @@ class Schedule:
         return getattr(self, name)[t].view(-1, *([1] * (ndim - 1)))
 
 
+_CHECKING_VALUES = contextvars.ContextVar("checking_values", default=True)
+
+
+@contextlib.contextmanager
+def values_known_valid():
+    """Inside the block, :func:`check_timesteps` and :meth:`UNet.check_inputs` check shapes and types
+    but do not read values back to check their range: on a GPU such a read waits for all queued work.
+    :func:`train` runs its steps inside it: it draws t in range itself and checks its labels once."""
+    token = _CHECKING_VALUES.set(False)
+    try:
+        yield
+    finally:
+        _CHECKING_VALUES.reset(token)
+
+
 def check_timesteps(schedule: Schedule, t: torch.Tensor, batch_size: int) -> None:
-    """Raise unless ``t`` is a ``(batch_size,)`` integer tensor with values in ``0 .. T-1``."""
+    """Raise unless ``t`` is a ``(batch_size,)`` integer tensor with values in ``0 .. T-1`` (the values
+    are not read inside :func:`values_known_valid`)."""
     if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or t.dim() != 1:
         raise ValueError(f"t must be a 1-D integer tensor of shape ({batch_size},), got {t!r:.80}")
     if len(t) != batch_size:
         raise ValueError(f"t has {len(t)} timesteps but the batch has {batch_size} images; expected one per image")
-    if len(t) and (t.min() < 0 or t.max() >= schedule.timesteps):
+    if _CHECKING_VALUES.get() and len(t) and (t.min() < 0 or t.max() >= schedule.timesteps):
         raise ValueError(
             f"t must lie in 0..{schedule.timesteps - 1} (zero-based, T = {schedule.timesteps}); "
             f"got values from {t.min().item()} to {t.max().item()}"
@@ -937,7 +954,8 @@ class UNet(nn.Module):
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Raise unless ``x`` is ``(B, image_channels, image_size, image_size)``, ``t`` is ``(B,)`` and
-        ``labels`` is ``(B,)`` long in 0..num_classes for a conditional model and None for an unconditional one."""
+        ``labels`` is ``(B,)`` long in 0..num_classes for a conditional model and None for an unconditional one
+        (the labels' values are not read inside :func:`values_known_valid`)."""
         check_images(x)
         channels, size = self.config["image_channels"], self.config["image_size"]
         if x.shape[1:] != (channels, size, size):
@@ -958,7 +976,7 @@ class UNet(nn.Module):
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.shape != (len(x),):
             got = f"{labels.dtype} of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"labels must be {expected}, got {got}")
-        if len(labels) and (labels.min() < 0 or labels.max() > k):
+        if _CHECKING_VALUES.get() and len(labels) and (labels.min() < 0 or labels.max() > k):
             raise ValueError(f"labels must be {expected}, got values from {labels.min().item()} to {labels.max().item()}")
 
 
@@ -1001,7 +1019,7 @@ def p_losses(
     loss_type: str = "l2",
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
-    min_snr_gamma: float | None = None,
+    loss_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The simplified objective L_simple (paper eq. 14) for a batch of clean images ``x0``.
 
@@ -1009,8 +1027,9 @@ def p_losses(
     :func:`q_sample` and compares the model's noise prediction with the true noise. ``loss_type`` is
     ``l2`` (= ``mse``, the paper's), ``l1`` or ``huber``. ``reduction="none"`` gives one loss per image.
     ``labels`` ``(B,)`` are the classes c of a conditional model, eps_theta(x_t, t, c) (some may be
-    the null label: :func:`drop_labels`). ``min_snr_gamma`` weights each image's loss by
-    :func:`min_snr_weights` (None: every timestep weighs the same, the paper's choice).
+    the null label: :func:`drop_labels`). ``loss_weights`` ``(T,)``, on the images' device, multiply each
+    image's loss by the entry of its timestep, e.g. :func:`min_snr_weights` (None: every timestep weighs
+    the same, the paper's choice).
     """
     if loss_type not in LOSSES:
         raise ValueError(f"unknown loss {loss_type!r}; expected one of {', '.join(LOSSES)}")
@@ -1029,8 +1048,8 @@ def p_losses(
     else:
         loss = F.mse_loss(predicted, noise, reduction="none")
     per_image = loss.flatten(1).mean(1)
-    if min_snr_gamma is not None:
-        per_image = per_image * min_snr_weights(schedule, min_snr_gamma).to(per_image.dtype).to(per_image.device)[t]
+    if loss_weights is not None:
+        per_image = per_image * loss_weights[t].to(per_image.dtype)
     return per_image.mean() if reduction == "mean" else per_image
 
 
@@ -1110,19 +1129,34 @@ def warmed_up_ema_decay(decay: float, num_averaged: torch.Tensor) -> torch.Tenso
     return ((1 + num_averaged) / (10 + num_averaged)).clamp(max=decay)
 
 
-def make_ema(model: nn.Module, decay: float, warmup: bool = False) -> AveragedModel:
-    """An exponential moving average of ``model``'s weights (``torch.optim.swa_utils``; its update
-    runs as a few multi-tensor ``foreach`` operations, not one small kernel per weight). The first
-    update copies the weights; later ones move the average by ``1 - decay`` toward them, or with
-    ``warmup`` by ``1 - warmed_up_ema_decay(decay, n)``, computed on the device from the update count."""
-    if not warmup:
-        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+class EMA(AveragedModel):
+    """An exponential moving average of a model's weights and buffers: ``torch.optim.swa_utils``'s
+    ``AveragedModel`` (``ema.module`` holds the average, ``ema.n_averaged`` counts the updates) with an
+    update that never reads a value back from the device. The count lives on the model's device, and
+    each update lerps every tensor toward the model's by a weight computed there from the count: 1 for
+    the first update (a copy), then ``1 - decay`` or, with ``warmup``, ``1 - warmed_up_ema_decay(decay, n)``.
+    (PyTorch's multi-tensor lerp takes a weight on the device only as one tensor per tensor averaged:
+    on a GPU this is a small kernel per tensor, where a weight read into Python would wait for the GPU.)"""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        super().__init__(model, device=next(model.parameters()).device, use_buffers=True)
+        self.decay, self.warmup = decay, warmup
 
     @torch.no_grad()
-    def warmed_up_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        torch._foreach_lerp_(averaged, current, 1 - warmed_up_ema_decay(decay, num_averaged))
+    def update_parameters(self, model: nn.Module) -> None:
+        n = self.n_averaged
+        decay = warmed_up_ema_decay(self.decay, n) if self.warmup else self.decay
+        weight = torch.where(n == 0, 1.0, 1 - decay)
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        torch._foreach_lerp_(averaged, [*model.parameters(), *model.buffers()], [weight] * len(averaged))
+        self.n_averaged += 1
 
-    return AveragedModel(model, multi_avg_fn=warmed_up_update, use_buffers=True)
+
+def make_ema(model: nn.Module, decay: float, warmup: bool = False) -> EMA:
+    """An exponential moving average of ``model``'s weights (:class:`EMA`). The first update copies the
+    weights; later ones move the average by ``1 - decay`` toward them, or with ``warmup`` by
+    ``1 - warmed_up_ema_decay(decay, n)``."""
+    return EMA(model, decay, warmup)
 
 
 def zero_output_layer(model: nn.Module) -> None:
@@ -1261,7 +1295,9 @@ def train(
     ``checkpoint_every`` steps and at the end. If ``checkpoint_path`` exists, training resumes from
     it exactly where it stopped. The losses stay on the device and are read every ``LOG_EVERY`` steps
     (and before a sample grid or checkpoint); a non-finite one stops training with an error, at most
-    that many steps late and before anything is saved. Returns the checkpoint dictionary.
+    that many steps late and before anything is saved. No other part of a step reads a value back
+    from the device (:func:`values_known_valid`, :class:`EMA`, loss weights built once), so a GPU never
+    waits in between. Returns the checkpoint dictionary.
 
     The config's other recipe options: ``zero_init_output`` zeroes the output layer before the first
     step (:func:`zero_output_layer`; not on a resume), ``min_snr_gamma`` weights the loss (:func:`min_snr_weights`).
@@ -1298,6 +1334,8 @@ def train(
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
     dtype = autocast_dtype(device) if mixed_precision else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # float64 arithmetic on the CPU once, float32 (the loss's dtype) on the device for every step
+    loss_weights = None if config.min_snr_gamma is None else min_snr_weights(schedule, config.min_snr_gamma).float().to(device)
     state = {"step": 0, "losses": [], "wall_time_s": 0.0, "segments": []}
     seed_everything(config.seed)
     if resuming:
@@ -1327,8 +1365,8 @@ def train(
         else:
             x0, c = data.batch(config.batch_size)
             c = drop_labels(c, config.p_uncond, model.null_label)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = p_losses(model, schedule, x0, loss_type=config.loss_type, labels=c, min_snr_gamma=config.min_snr_gamma)
+        with values_known_valid(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = p_losses(model, schedule, x0, loss_type=config.loss_type, labels=c, loss_weights=loss_weights)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

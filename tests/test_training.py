@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddpm_helpers
 from ddpm_helpers import (
@@ -270,9 +271,10 @@ def plain_algorithm_1(model, images, config):
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ddpm_helpers.learning_rate_factor(step, config))
     data = ddpm_helpers.TrainingSet(images, flip=config.flip, seed=config.seed)
     ddpm_helpers.seed_everything(config.seed)
+    weights = None if config.min_snr_gamma is None else ddpm_helpers.min_snr_weights(schedule, config.min_snr_gamma)
     losses = []
     for _ in range(config.steps):
-        loss = p_losses(model, schedule, data.batch(config.batch_size), loss_type=config.loss_type, min_snr_gamma=config.min_snr_gamma)
+        loss = p_losses(model, schedule, data.batch(config.batch_size), loss_type=config.loss_type, loss_weights=weights)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -441,7 +443,7 @@ def test_min_snr_weighting_scales_each_images_loss_by_its_weight():
     model, x0, t = tiny_model(), tiny_images(4), torch.tensor([0, 5, 25, 49])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     plain = p_losses(model, schedule, x0, t, noise, reduction="none")
-    weighted = p_losses(model, schedule, x0, t, noise, reduction="none", min_snr_gamma=5.0)
+    weighted = p_losses(model, schedule, x0, t, noise, reduction="none", loss_weights=ddpm_helpers.min_snr_weights(schedule, 5.0))
     snr = schedule.alphas_cumprod_float64[t] / (1 - schedule.alphas_cumprod_float64[t])
     torch.testing.assert_close(weighted, plain * (snr.clamp(max=5.0) / snr).float())
     assert weighted[0] < plain[0] / 10 and weighted[-1] == plain[-1]  # t = 0 weighs little, pure noise fully
@@ -622,3 +624,54 @@ def test_a_cpu_checkpoint_resumes_on_a_gpu_with_its_generator_seeded_from_the_ru
     torch.save({**checkpoint, "random_state": a_gpu_s_random_state(checkpoint)}, path)
     seeds, states = resume_on("cuda", path, config, monkeypatch)  # a GPU's checkpoint on a GPU: its state as saved
     assert seeds == [] and len(states) == 1 and torch.equal(states[0], a_gpu_s_random_state(checkpoint)["cuda"])
+
+
+# A training step that never waits for the device (issue 29): on a GPU, every read of a value into
+# Python waits for all queued work; train promises one such read per LOG_EVERY steps.
+
+
+class ValueReads(TorchDispatchMode):
+    """Counts the operations that copy a tensor's value into Python: ``.item()``, ``bool(t)`` (``if
+    t.min() < 0``), ``float(t)``, a tensor passed where an operation takes a number. On a CPU this
+    mode cannot see ``.tolist()`` (the one read train means to make) nor copies from the host to a
+    device, for there is no other device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_a_training_step_reads_no_value_back_from_the_device(monkeypatch, dtype):
+    """Every recipe option on, a conditional model with label dropout, float32 or fp16 with its
+    GradScaler: a 6-step run reads no more values than a 2-step one (set-up and the end read the same)."""
+    monkeypatch.setattr(ddpm_helpers, "autocast_dtype", lambda device: dtype)
+    config = dataclasses.replace(TINY_TRAINING, lr_decay="cosine", ema_warmup=True, min_snr_gamma=5.0, p_uncond=0.5)
+    reads = {}
+    for steps in (2, 6):
+        with ValueReads() as mode:
+            train(tiny_model(num_classes=3), tiny_images(), dataclasses.replace(config, steps=steps), device="cpu", progress=False, labels=torch.arange(32) % 3)
+        reads[steps] = mode.count
+    assert reads[6] == reads[2]
+
+
+def test_min_snr_weights_are_built_once_a_run_and_indexed_on_the_device(monkeypatch):
+    """They are float64 arithmetic on the CPU; built every step, a GPU would wait for their copy."""
+    calls = []
+    monkeypatch.setattr(ddpm_helpers, "min_snr_weights", lambda *args, built=ddpm_helpers.min_snr_weights: calls.append(args) or built(*args))
+    train(tiny_model(), tiny_images(), dataclasses.replace(TINY_TRAINING, min_snr_gamma=5.0), device="cpu", progress=False)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_ema_counts_its_updates_on_the_model_s_device_without_reading_the_count(warmup):
+    """On the meta device tensors have shapes but no values: reading one fails, as a GPU would wait."""
+    model = tiny_model().to("meta")
+    ema = make_ema(model, decay=0.999, warmup=warmup)
+    for _ in range(3):
+        ema.update_parameters(model)
+    assert ema.n_averaged.device.type == "meta"
