@@ -77,6 +77,16 @@ def evaluating(model: nn.Module):
         model.train(was_training)
 
 
+def deterministic_float32():
+    """A ``with`` block in which a GPU computes float32 as exactly and repeatably as a CPU: cuDNN picks
+    deterministic convolution algorithms (some others sum in an order that changes from run to run) and
+    no TF32, which Ampere and newer GPUs otherwise use for float32 convolutions (10-bit mantissas).
+    Matrix products stay in float32 unless you switch TF32 on for them. The settings come back after
+    the block; a CPU does not read them. For notebook checks whose lesson is exactness."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=False, deterministic=True, allow_tf32=False)
+
+
 def get_device() -> torch.device:
     """The fastest device available: a CUDA GPU, Apple's MPS, or the CPU."""
     if torch.cuda.is_available():
@@ -377,14 +387,20 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
+    """Write ``PATH.partial``, flush it to the file system (``os.fsync``), then rename it over ``PATH``:
+    a crash never leaves a truncated file, and on a mounted Google Drive the whole file has reached
+    Drive's client, which uploads it, before it replaces the last one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(payload)
+    with open(partial, "wb") as file:
+        file.write(payload)
+        file.flush()
+        os.fsync(file.fileno())
     partial.replace(path)
 
 
 def torch_save_atomically(obj, path: str | Path) -> Path:
-    """``torch.save`` that never leaves a truncated file: write ``PATH.partial``, then rename it."""
+    """``torch.save`` that never leaves a truncated file: write ``PATH.partial``, flush it, then rename it."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     _write_atomically(Path(path), buffer.getvalue())
@@ -1539,13 +1555,18 @@ def export_target() -> Path:
 
 def use_google_drive() -> Path:
     """On Colab: mount Google Drive and keep checkpoints and exports in a Drive folder, so that a
-    disconnect loses nothing and later notebooks (each its own Colab runtime) find your model."""
+    disconnect loses nothing and later notebooks (each its own Colab runtime) find your model.
+
+    Every checkpoint and export is flushed to Drive's client as it is written (:func:`torch_save_atomically`),
+    which uploads it in the background. The one call Colab documents that waits until Drive holds every
+    write, ``drive.flush_and_unmount()``, also unmounts the folder: run it when you end a session."""
     from google.colab import drive  # only on Colab
 
     drive.mount("/content/drive")
     Path(DRIVE_FOLDER).mkdir(parents=True, exist_ok=True)
     os.environ[WORK_DIR_VARIABLE] = DRIVE_FOLDER
     print(f"checkpoints and your exported model go to {DRIVE_FOLDER}")
+    print("before you end the session: from google.colab import drive; drive.flush_and_unmount()")
     return Path(DRIVE_FOLDER)
 
 
@@ -1923,16 +1944,19 @@ def save_classifier(path: str | Path, checkpoint: dict) -> Path:
     return torch_save_atomically(checkpoint, path)
 
 
-def load_classifier(path: str | Path = CLASSIFIER_CHECKPOINT, device="cpu") -> tuple[FashionClassifier, dict]:
+def load_classifier(path: str | Path = CLASSIFIER_CHECKPOINT) -> tuple[FashionClassifier, dict]:
     """The trained classifier, in eval mode, and its dictionary. The file must hold a classifier of
-    this course with ``CLASSIFIER_CONFIG``: FIDs are comparable only in the same features."""
+    this course with ``CLASSIFIER_CONFIG``: FIDs are comparable only in the same features. It stays on
+    the CPU, wherever the images were drawn: a GPU's convolutions (TF32, cuDNN's choice of algorithm)
+    would move its features, and so every FID, a little, and the notebooks' scores would no longer
+    equal those of ``evaluate`` for the same images."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CLASSIFIER_FORMAT:
         raise ValueError(f"{path} is not a classifier of this course (expected format {CLASSIFIER_FORMAT!r})")
     _check_same_config(path, "classifier", checkpoint["config"], CLASSIFIER_CONFIG)
     model = FashionClassifier(**CLASSIFIER_CONFIG)
     model.load_state_dict(checkpoint["state_dict"])
-    return model.to(device).eval(), checkpoint
+    return model.eval(), checkpoint
 
 
 def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

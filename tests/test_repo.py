@@ -137,3 +137,13 @@ def test_the_device_job_dry_runs_in_quick_mode(tmp_path):
     for model in models:  # quick mode exports elsewhere: the shipped files come back unchanged
         assert (out / model).read_bytes() == (ROOT / "data" / "pretrained" / model).read_bytes()
     assert "failed=0" in (out / "log").read_text()
+
+
+def test_deterministic_float32_makes_cudnn_repeatable_and_exact_then_restores_it():
+    """What a CPU can check: the flags a GPU reads. cuDNN may otherwise pick algorithms whose sums
+    change from run to run, and computes float32 convolutions in TF32 on Ampere and newer GPUs."""
+    cudnn = torch.backends.cudnn
+    before = (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32)
+    with ddpm_helpers.deterministic_float32():
+        assert (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32) == (before[0], False, True, False)
+    assert (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32) == before

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,14 @@ def test_training_writes_a_checkpoint_that_round_trips(tmp_path):
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 40])
     torch.testing.assert_close(model(x, t), ema.eval()(x, t), rtol=0, atol=0)
     assert torch.load(path, weights_only=True)["step"] == 4
+
+
+def test_a_checkpoint_is_flushed_to_the_file_system_before_it_replaces_the_last(tmp_path, monkeypatch):
+    """On a mounted Google Drive, the flush hands the whole file to Drive's client before the rename."""
+    path, flushed, fsync = tmp_path / "run.pt", [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append((os.fstat(fd).st_size, path.exists())) or fsync(fd))
+    ddpm_helpers.torch_save_atomically({"step": 1}, path)
+    assert flushed == [(path.stat().st_size, False)]
 
 
 def test_training_resumes_its_step_count_and_optimizer_state(tmp_path):
