@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import contextvars
 import dataclasses
 import gzip
 import io
@@ -38,7 +39,7 @@ import torch
 from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -75,6 +76,16 @@ def evaluating(model: nn.Module):
         yield model
     finally:
         model.train(was_training)
+
+
+def deterministic_float32():
+    """A ``with`` block in which a GPU computes float32 as exactly and repeatably as a CPU: cuDNN picks
+    deterministic convolution algorithms (some others sum in an order that changes from run to run) and
+    no TF32, which Ampere and newer GPUs otherwise use for float32 convolutions (10-bit mantissas).
+    Matrix products stay in float32 unless you switch TF32 on for them. The settings come back after
+    the block; a CPU does not read them. For notebook checks whose lesson is exactness."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=False, deterministic=True, allow_tf32=False)
 
 
 def get_device() -> torch.device:
@@ -238,13 +249,29 @@ class Schedule:
         return getattr(self, name)[t].view(-1, *([1] * (ndim - 1)))
 
 
+_CHECKING_VALUES = contextvars.ContextVar("checking_values", default=True)
+
+
+@contextlib.contextmanager
+def values_known_valid():
+    """Inside the block, :func:`check_timesteps` and :meth:`UNet.check_inputs` check shapes and types
+    but do not read values back to check their range: on a GPU such a read waits for all queued work.
+    :func:`train` runs its steps inside it: it draws t in range itself and checks its labels once."""
+    token = _CHECKING_VALUES.set(False)
+    try:
+        yield
+    finally:
+        _CHECKING_VALUES.reset(token)
+
+
 def check_timesteps(schedule: Schedule, t: torch.Tensor, batch_size: int) -> None:
-    """Raise unless ``t`` is a ``(batch_size,)`` integer tensor with values in ``0 .. T-1``."""
+    """Raise unless ``t`` is a ``(batch_size,)`` integer tensor with values in ``0 .. T-1`` (the values
+    are not read inside :func:`values_known_valid`)."""
     if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or t.dim() != 1:
         raise ValueError(f"t must be a 1-D integer tensor of shape ({batch_size},), got {t!r:.80}")
     if len(t) != batch_size:
         raise ValueError(f"t has {len(t)} timesteps but the batch has {batch_size} images; expected one per image")
-    if len(t) and (t.min() < 0 or t.max() >= schedule.timesteps):
+    if _CHECKING_VALUES.get() and len(t) and (t.min() < 0 or t.max() >= schedule.timesteps):
         raise ValueError(
             f"t must lie in 0..{schedule.timesteps - 1} (zero-based, T = {schedule.timesteps}); "
             f"got values from {t.min().item()} to {t.max().item()}"
@@ -361,14 +388,20 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
+    """Write ``PATH.partial``, flush it to the file system (``os.fsync``), then rename it over ``PATH``:
+    a crash never leaves a truncated file, and on a mounted Google Drive the whole file has reached
+    Drive's client, which uploads it, before it replaces the last one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(payload)
+    with open(partial, "wb") as file:
+        file.write(payload)
+        file.flush()
+        os.fsync(file.fileno())
     partial.replace(path)
 
 
 def torch_save_atomically(obj, path: str | Path) -> Path:
-    """``torch.save`` that never leaves a truncated file: write ``PATH.partial``, then rename it."""
+    """``torch.save`` that never leaves a truncated file: write ``PATH.partial``, flush it, then rename it."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     _write_atomically(Path(path), buffer.getvalue())
@@ -939,7 +972,8 @@ class UNet(nn.Module):
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Raise unless ``x`` is ``(B, image_channels, image_size, image_size)``, ``t`` is ``(B,)`` and
-        ``labels`` is ``(B,)`` long in 0..num_classes for a conditional model and None for an unconditional one."""
+        ``labels`` is ``(B,)`` long in 0..num_classes for a conditional model and None for an unconditional one
+        (the labels' values are not read inside :func:`values_known_valid`)."""
         check_images(x)
         channels, size = self.config["image_channels"], self.config["image_size"]
         if x.shape[1:] != (channels, size, size):
@@ -960,7 +994,7 @@ class UNet(nn.Module):
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.shape != (len(x),):
             got = f"{labels.dtype} of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"labels must be {expected}, got {got}")
-        if len(labels) and (labels.min() < 0 or labels.max() > k):
+        if _CHECKING_VALUES.get() and len(labels) and (labels.min() < 0 or labels.max() > k):
             raise ValueError(f"labels must be {expected}, got values from {labels.min().item()} to {labels.max().item()}")
 
 
@@ -1003,7 +1037,7 @@ def p_losses(
     loss_type: str = "l2",
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
-    min_snr_gamma: float | None = None,
+    loss_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The simplified objective L_simple (paper eq. 14) for a batch of clean images ``x0``.
 
@@ -1011,8 +1045,9 @@ def p_losses(
     :func:`q_sample` and compares the model's noise prediction with the true noise. ``loss_type`` is
     ``l2`` (= ``mse``, the paper's), ``l1`` or ``huber``. ``reduction="none"`` gives one loss per image.
     ``labels`` ``(B,)`` are the classes c of a conditional model, eps_theta(x_t, t, c) (some may be
-    the null label: :func:`drop_labels`). ``min_snr_gamma`` weights each image's loss by
-    :func:`min_snr_weights` (None: every timestep weighs the same, the paper's choice).
+    the null label: :func:`drop_labels`). ``loss_weights`` ``(T,)``, on the images' device, multiply each
+    image's loss by the entry of its timestep, e.g. :func:`min_snr_weights` (None: every timestep weighs
+    the same, the paper's choice).
     """
     if loss_type not in LOSSES:
         raise ValueError(f"unknown loss {loss_type!r}; expected one of {', '.join(LOSSES)}")
@@ -1031,8 +1066,8 @@ def p_losses(
     else:
         loss = F.mse_loss(predicted, noise, reduction="none")
     per_image = loss.flatten(1).mean(1)
-    if min_snr_gamma is not None:
-        per_image = per_image * min_snr_weights(schedule, min_snr_gamma).to(per_image.dtype).to(per_image.device)[t]
+    if loss_weights is not None:
+        per_image = per_image * loss_weights[t].to(per_image.dtype)
     return per_image.mean() if reduction == "mean" else per_image
 
 
@@ -1112,19 +1147,34 @@ def warmed_up_ema_decay(decay: float, num_averaged: torch.Tensor) -> torch.Tenso
     return ((1 + num_averaged) / (10 + num_averaged)).clamp(max=decay)
 
 
-def make_ema(model: nn.Module, decay: float, warmup: bool = False) -> AveragedModel:
-    """An exponential moving average of ``model``'s weights (``torch.optim.swa_utils``; its update
-    runs as a few multi-tensor ``foreach`` operations, not one small kernel per weight). The first
-    update copies the weights; later ones move the average by ``1 - decay`` toward them, or with
-    ``warmup`` by ``1 - warmed_up_ema_decay(decay, n)``, computed on the device from the update count."""
-    if not warmup:
-        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+class EMA(AveragedModel):
+    """An exponential moving average of a model's weights and buffers: ``torch.optim.swa_utils``'s
+    ``AveragedModel`` (``ema.module`` holds the average, ``ema.n_averaged`` counts the updates) with an
+    update that never reads a value back from the device. The count lives on the model's device, and
+    each update lerps every tensor toward the model's by a weight computed there from the count: 1 for
+    the first update (a copy), then ``1 - decay`` or, with ``warmup``, ``1 - warmed_up_ema_decay(decay, n)``.
+    (PyTorch's multi-tensor lerp takes a weight on the device only as one tensor per tensor averaged:
+    on a GPU this is a small kernel per tensor, where a weight read into Python would wait for the GPU.)"""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        super().__init__(model, device=next(model.parameters()).device, use_buffers=True)
+        self.decay, self.warmup = decay, warmup
 
     @torch.no_grad()
-    def warmed_up_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        torch._foreach_lerp_(averaged, current, 1 - warmed_up_ema_decay(decay, num_averaged))
+    def update_parameters(self, model: nn.Module) -> None:
+        n = self.n_averaged
+        decay = warmed_up_ema_decay(self.decay, n) if self.warmup else self.decay
+        weight = torch.where(n == 0, 1.0, 1 - decay)
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        torch._foreach_lerp_(averaged, [*model.parameters(), *model.buffers()], [weight] * len(averaged))
+        self.n_averaged += 1
 
-    return AveragedModel(model, multi_avg_fn=warmed_up_update, use_buffers=True)
+
+def make_ema(model: nn.Module, decay: float, warmup: bool = False) -> EMA:
+    """An exponential moving average of ``model``'s weights (:class:`EMA`). The first update copies the
+    weights; later ones move the average by ``1 - decay`` toward them, or with ``warmup`` by
+    ``1 - warmed_up_ema_decay(decay, n)``."""
+    return EMA(model, decay, warmup)
 
 
 def zero_output_layer(model: nn.Module) -> None:
@@ -1213,10 +1263,19 @@ def random_state(device: torch.device) -> dict:
     return state
 
 
-def set_random_state(state: dict, device: torch.device) -> None:
+def set_random_state(state: dict, device: torch.device, seed: int) -> None:
+    """Restore :func:`random_state`'s state for training on ``device``. A state saved on a CPU has no GPU
+    generator: on a GPU, every GPU generator is then seeded with ``seed`` (the same each time).
+
+    Exact means: resumed on the device type it was saved on, a run draws exactly the batches, timesteps,
+    noise and dropout masks an uninterrupted one would. Across device types it cannot: a GPU draws them
+    from its own generator, which a CPU does not have (and a GPU's state is not used on a CPU). There the
+    resumed run draws a stream of its own, the same every time that checkpoint resumes."""
     torch.set_rng_state(state["cpu"])
-    if device.type == "cuda":
+    if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
 
 
 def check_finite_losses(losses: list[float], first_step: int, config: TrainConfig) -> None:
@@ -1254,7 +1313,9 @@ def train(
     ``checkpoint_every`` steps and at the end. If ``checkpoint_path`` exists, training resumes from
     it exactly where it stopped. The losses stay on the device and are read every ``LOG_EVERY`` steps
     (and before a sample grid or checkpoint); a non-finite one stops training with an error, at most
-    that many steps late and before anything is saved. Returns the checkpoint dictionary.
+    that many steps late and before anything is saved. No other part of a step reads a value back
+    from the device (:func:`values_known_valid`, :class:`EMA`, loss weights built once), so a GPU never
+    waits in between. Returns the checkpoint dictionary.
 
     The config's other recipe options: ``zero_init_output`` zeroes the output layer before the first
     step (:func:`zero_output_layer`; not on a resume), ``min_snr_gamma`` weights the loss (:func:`min_snr_weights`).
@@ -1291,6 +1352,8 @@ def train(
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
     dtype = autocast_dtype(device) if mixed_precision else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # float64 arithmetic on the CPU once, float32 (the loss's dtype) on the device for every step
+    loss_weights = None if config.min_snr_gamma is None else min_snr_weights(schedule, config.min_snr_gamma).float().to(device)
     state = {"step": 0, "losses": [], "wall_time_s": 0.0, "segments": []}
     seed_everything(config.seed)
     if resuming:
@@ -1320,8 +1383,8 @@ def train(
         else:
             x0, c = data.batch(config.batch_size)
             c = drop_labels(c, config.p_uncond, model.null_label)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = p_losses(model, schedule, x0, loss_type=config.loss_type, labels=c, min_snr_gamma=config.min_snr_gamma)
+        with values_known_valid(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = p_losses(model, schedule, x0, loss_type=config.loss_type, labels=c, loss_weights=loss_weights)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -1424,9 +1487,10 @@ def _resume(path, model, ema, optimizer, warmup, scaler, config, device) -> dict
     ema.n_averaged.copy_(checkpoint["ema_n_averaged"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     warmup.load_state_dict(checkpoint["warmup"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint.get("scaler"):  # empty if written with the scaler off (bf16, float32): fp16 then starts a fresh one
+        scaler.load_state_dict(checkpoint["scaler"])
     if "random_state" in checkpoint:
-        set_random_state(checkpoint["random_state"], device)
+        set_random_state(checkpoint["random_state"], device, seed=config.seed + checkpoint["step"])
     else:  # written before checkpoints kept the random state: at least do not repeat the draws done
         seed_everything(config.seed + checkpoint["step"])
     resumed = {key: checkpoint[key] for key in ("step", "losses", "wall_time_s")}
@@ -1499,13 +1563,18 @@ def export_target(variable: str = EXPORT_VARIABLE, default: Path | None = None) 
 
 def use_google_drive() -> Path:
     """On Colab: mount Google Drive and keep checkpoints and exports in a Drive folder, so that a
-    disconnect loses nothing and later notebooks (each its own Colab runtime) find your model."""
+    disconnect loses nothing and later notebooks (each its own Colab runtime) find your model.
+
+    Every checkpoint and export is flushed to Drive's client as it is written (:func:`torch_save_atomically`),
+    which uploads it in the background. The one call Colab documents that waits until Drive holds every
+    write, ``drive.flush_and_unmount()``, also unmounts the folder: run it when you end a session."""
     from google.colab import drive  # only on Colab
 
     drive.mount("/content/drive")
     Path(DRIVE_FOLDER).mkdir(parents=True, exist_ok=True)
     os.environ[WORK_DIR_VARIABLE] = DRIVE_FOLDER
     print(f"checkpoints and your exported model go to {DRIVE_FOLDER}")
+    print("before you end the session: from google.colab import drive; drive.flush_and_unmount()")
     return Path(DRIVE_FOLDER)
 
 
@@ -2106,16 +2175,19 @@ def save_classifier(path: str | Path, checkpoint: dict) -> Path:
     return torch_save_atomically(checkpoint, path)
 
 
-def load_classifier(path: str | Path = CLASSIFIER_CHECKPOINT, device="cpu") -> tuple[FashionClassifier, dict]:
+def load_classifier(path: str | Path = CLASSIFIER_CHECKPOINT) -> tuple[FashionClassifier, dict]:
     """The trained classifier, in eval mode, and its dictionary. The file must hold a classifier of
-    this course with ``CLASSIFIER_CONFIG``: FIDs are comparable only in the same features."""
+    this course with ``CLASSIFIER_CONFIG``: FIDs are comparable only in the same features. It stays on
+    the CPU, wherever the images were drawn: a GPU's convolutions (TF32, cuDNN's choice of algorithm)
+    would move its features, and so every FID, a little, and the notebooks' scores would no longer
+    equal those of ``evaluate`` for the same images."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CLASSIFIER_FORMAT:
         raise ValueError(f"{path} is not a classifier of this course (expected format {CLASSIFIER_FORMAT!r})")
     _check_same_config(path, "classifier", checkpoint["config"], CLASSIFIER_CONFIG)
     model = FashionClassifier(**CLASSIFIER_CONFIG)
     model.load_state_dict(checkpoint["state_dict"])
-    return model.to(device).eval(), checkpoint
+    return model.eval(), checkpoint
 
 
 def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -209,3 +209,13 @@ def test_quick_mode_exports_to_a_temporary_file_whatever_the_environment_says(tm
             assert (first, second) == (tmp_path / "a.pt", tmp_path / "b.pt")
         else:
             assert (first, second) == (ddpm_helpers.student_model_path(), Path("mine.pt"))
+
+
+def test_deterministic_float32_makes_cudnn_repeatable_and_exact_then_restores_it():
+    """What a CPU can check: the flags a GPU reads. cuDNN may otherwise pick algorithms whose sums
+    change from run to run, and computes float32 convolutions in TF32 on Ampere and newer GPUs."""
+    cudnn = torch.backends.cudnn
+    before = (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32)
+    with ddpm_helpers.deterministic_float32():
+        assert (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32) == (before[0], False, True, False)
+    assert (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32) == before

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddpm_helpers
 from ddpm_helpers import (
@@ -108,6 +110,14 @@ def test_training_writes_a_checkpoint_that_round_trips(tmp_path):
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 40])
     torch.testing.assert_close(model(x, t), ema.eval()(x, t), rtol=0, atol=0)
     assert torch.load(path, weights_only=True)["step"] == 4
+
+
+def test_a_checkpoint_is_flushed_to_the_file_system_before_it_replaces_the_last(tmp_path, monkeypatch):
+    """On a mounted Google Drive, the flush hands the whole file to Drive's client before the rename."""
+    path, flushed, fsync = tmp_path / "run.pt", [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append((os.fstat(fd).st_size, path.exists())) or fsync(fd))
+    ddpm_helpers.torch_save_atomically({"step": 1}, path)
+    assert flushed == [(path.stat().st_size, False)]
 
 
 def test_training_resumes_its_step_count_and_optimizer_state(tmp_path):
@@ -270,9 +280,10 @@ def plain_algorithm_1(model, images, config):
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ddpm_helpers.learning_rate_factor(step, config))
     data = ddpm_helpers.TrainingSet(images, flip=config.flip, seed=config.seed)
     ddpm_helpers.seed_everything(config.seed)
+    weights = None if config.min_snr_gamma is None else ddpm_helpers.min_snr_weights(schedule, config.min_snr_gamma)
     losses = []
     for _ in range(config.steps):
-        loss = p_losses(model, schedule, data.batch(config.batch_size), loss_type=config.loss_type, min_snr_gamma=config.min_snr_gamma)
+        loss = p_losses(model, schedule, data.batch(config.batch_size), loss_type=config.loss_type, loss_weights=weights)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -441,7 +452,7 @@ def test_min_snr_weighting_scales_each_images_loss_by_its_weight():
     model, x0, t = tiny_model(), tiny_images(4), torch.tensor([0, 5, 25, 49])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     plain = p_losses(model, schedule, x0, t, noise, reduction="none")
-    weighted = p_losses(model, schedule, x0, t, noise, reduction="none", min_snr_gamma=5.0)
+    weighted = p_losses(model, schedule, x0, t, noise, reduction="none", loss_weights=ddpm_helpers.min_snr_weights(schedule, 5.0))
     snr = schedule.alphas_cumprod_float64[t] / (1 - schedule.alphas_cumprod_float64[t])
     torch.testing.assert_close(weighted, plain * (snr.clamp(max=5.0) / snr).float())
     assert weighted[0] < plain[0] / 10 and weighted[-1] == plain[-1]  # t = 0 weighs little, pure noise fully
@@ -557,3 +568,119 @@ def test_resuming_a_decaying_schedule_with_another_length_is_refused(tmp_path):
     train(tiny_model(), tiny_images(), config, checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False, stop_at=2)
     with pytest.raises(ValueError, match="planned for 4 steps, and its cosine learning-rate decay reaches zero at step 4"):
         train(tiny_model(), tiny_images(), dataclasses.replace(config, steps=8), checkpoint_path=tmp_path / "run.pt", device="cpu", progress=False)
+
+
+# Resuming on another device (issue 29): Colab hands out a T4 (fp16, GradScaler on), an L4/A100 (bf16,
+# scaler off) or a CPU runtime from one day to the next. The CPU writes what each would write.
+
+DEVICES = {"cpu": None, "bf16 gpu": torch.bfloat16, "fp16 gpu": torch.float16}
+
+
+def a_gpu_s_random_state(checkpoint: dict) -> dict:
+    """The random state a GPU run saves: the CPU's and the GPU's (a CUDA generator's state is 16 bytes:
+    its seed and its Philox offset)."""
+    cuda = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
+    return {**checkpoint["random_state"], "cuda": cuda}
+
+
+@pytest.mark.parametrize("writer", DEVICES)
+@pytest.mark.parametrize("reader", DEVICES)
+def test_a_run_resumes_on_any_device_from_a_checkpoint_of_any_other(tmp_path, monkeypatch, writer, reader):
+    """A checkpoint written with the scaler off holds an empty scaler state: an fp16 reader starts a
+    fresh scaler instead of failing; a GPU's random state resumes on a CPU."""
+    path = tmp_path / "run.pt"
+    monkeypatch.setattr(ddpm_helpers, "autocast_dtype", lambda device: DEVICES[writer])
+    train(tiny_model(), tiny_images(), dataclasses.replace(TINY_TRAINING, steps=2), checkpoint_path=path, device="cpu", progress=False)
+    if writer != "cpu":
+        checkpoint = torch.load(path, weights_only=True)
+        torch.save({**checkpoint, "random_state": a_gpu_s_random_state(checkpoint)}, path)
+    monkeypatch.setattr(ddpm_helpers, "autocast_dtype", lambda device: DEVICES[reader])
+    result = train(tiny_model(), tiny_images(), TINY_TRAINING, checkpoint_path=path, device="cpu", progress=False)
+    assert result["step"] == 4 and all(math.isfinite(loss) for loss in result["losses"])
+    if reader == "fp16 gpu":  # unskipped steps at the initial scale: the writer's 2 if it kept a scaler, then 2 more
+        assert result["scaler"]["scale"] == 2.0**16 and result["scaler"]["_growth_tracker"] == (4 if writer == "fp16 gpu" else 2)
+    else:
+        assert result["scaler"] == {}
+
+
+def resume_on(device, path, config, monkeypatch):
+    """``_resume`` into the objects train builds, for a GPU this machine does not have: returns the
+    seeds given to the GPU generators and the GPU states set while it ran."""
+    model = tiny_model(seed=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ddpm_helpers.learning_rate_factor(step, config))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    seeds, states = [], []
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "manual_seed_all", seeds.append)
+        patch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": states.append(state))
+        resumed = ddpm_helpers._resume(path, model, make_ema(model, config.ema_decay), optimizer, warmup, scaler, config, torch.device(device))
+    assert resumed["step"] == 2
+    return seeds, states
+
+
+def test_a_cpu_checkpoint_resumes_on_a_gpu_with_its_generator_seeded_from_the_run(tmp_path, monkeypatch):
+    """A CPU run saves no CUDA random state: the GPU's generator is seeded from the run's seed and step
+    (the same every time that checkpoint resumes) and the CPU's state is restored as saved."""
+    path = tmp_path / "run.pt"
+    config = dataclasses.replace(TINY_TRAINING, seed=3)
+    train(tiny_model(), tiny_images(), config, checkpoint_path=path, device="cpu", progress=False, stop_at=2)
+    checkpoint = read_checkpoint(path)
+    for _ in range(2):
+        torch.manual_seed(123)
+        assert resume_on("cuda", path, config, monkeypatch) == ([3 + 2], [])
+        assert torch.equal(torch.get_rng_state(), checkpoint["random_state"]["cpu"])
+    torch.save({**checkpoint, "random_state": a_gpu_s_random_state(checkpoint)}, path)
+    seeds, states = resume_on("cuda", path, config, monkeypatch)  # a GPU's checkpoint on a GPU: its state as saved
+    assert seeds == [] and len(states) == 1 and torch.equal(states[0], a_gpu_s_random_state(checkpoint)["cuda"])
+
+
+# A training step that never waits for the device (issue 29): on a GPU, every read of a value into
+# Python waits for all queued work; train promises one such read per LOG_EVERY steps.
+
+
+class ValueReads(TorchDispatchMode):
+    """Counts the operations that copy a tensor's value into Python: ``.item()``, ``bool(t)`` (``if
+    t.min() < 0``), ``float(t)``, a tensor passed where an operation takes a number. On a CPU this
+    mode cannot see ``.tolist()`` (the one read train means to make) nor copies from the host to a
+    device, for there is no other device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_a_training_step_reads_no_value_back_from_the_device(monkeypatch, dtype):
+    """Every recipe option on, a conditional model with label dropout, float32 or fp16 with its
+    GradScaler: a 6-step run reads no more values than a 2-step one (set-up and the end read the same)."""
+    monkeypatch.setattr(ddpm_helpers, "autocast_dtype", lambda device: dtype)
+    config = dataclasses.replace(TINY_TRAINING, lr_decay="cosine", ema_warmup=True, min_snr_gamma=5.0, p_uncond=0.5)
+    reads = {}
+    for steps in (2, 6):
+        with ValueReads() as mode:
+            train(tiny_model(num_classes=3), tiny_images(), dataclasses.replace(config, steps=steps), device="cpu", progress=False, labels=torch.arange(32) % 3)
+        reads[steps] = mode.count
+    assert reads[6] == reads[2]
+
+
+def test_min_snr_weights_are_built_once_a_run_and_indexed_on_the_device(monkeypatch):
+    """They are float64 arithmetic on the CPU; built every step, a GPU would wait for their copy."""
+    calls = []
+    monkeypatch.setattr(ddpm_helpers, "min_snr_weights", lambda *args, built=ddpm_helpers.min_snr_weights: calls.append(args) or built(*args))
+    train(tiny_model(), tiny_images(), dataclasses.replace(TINY_TRAINING, min_snr_gamma=5.0), device="cpu", progress=False)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_ema_counts_its_updates_on_the_model_s_device_without_reading_the_count(warmup):
+    """On the meta device tensors have shapes but no values: reading one fails, as a GPU would wait."""
+    model = tiny_model().to("meta")
+    ema = make_ema(model, decay=0.999, warmup=warmup)
+    for _ in range(3):
+        ema.update_parameters(model)
+    assert ema.n_averaged.device.type == "meta"
