@@ -689,9 +689,12 @@ def render_emoji(font, code: int, size: int):
 
 def render_emoji_folder(folder: str | Path, size: int = 32, limit: int | None = None, font: str | Path = EMOJI_FONT) -> int:
     """Write ``u<code point>.png`` into ``folder`` for each single-character emoji of the colour font
-    (the first ``limit`` of them, if given), ``size`` x ``size`` RGB; return how many were written."""
+    (or ``limit`` of them spread evenly over the code points: the first few dozen are grey symbols
+    such as (c) and (R)), ``size`` x ``size`` RGB; return how many were written."""
     loaded = emoji_font(font)
-    codes = emoji_codepoints(loaded)[:limit]
+    codes = emoji_codepoints(loaded)
+    if limit is not None and limit < len(codes):
+        codes = [codes[index * len(codes) // limit] for index in range(limit)]
     for code in codes:
         save_png(render_emoji(loaded, code, size), Path(folder) / f"u{code:05x}.png")
     return len(codes)
@@ -2521,10 +2524,44 @@ def _float_or_none(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
+NAMED_DATA = ("fashion-mnist", "mnist", "cifar10")  # what `train --data` takes besides a folder
+
+
+def training_data(data: str, image_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images and labels (None for a folder, which has none) that ``train --data`` names."""
+    if data == "fashion-mnist":
+        images, labels = load_fashion_mnist("train")
+    elif data == "mnist":
+        images, labels = load_mnist("train")
+    elif data == "cifar10":
+        images, labels = load_cifar10("train")
+    elif not Path(data).is_dir():
+        raise SystemExit(f"--data {data} is neither one of {', '.join(NAMED_DATA)} nor a folder")
+    elif image_size is None:
+        raise SystemExit(f"--data {data} is a folder: give --image-size, the side its images are cropped and resized to (say 32)")
+    else:
+        return load_image_folder(data, image_size), None
+    if image_size not in (None, images.shape[-1]):
+        raise SystemExit(f"{data} images are {images.shape[-1]}x{images.shape[-1]}: --image-size resizes a folder's images only")
+    return images, labels
+
+
+def unet_config_for(config: dict, channels: int, size: int) -> dict:
+    """``config`` for ``(channels, size, size)`` images, its attention at the same levels as before."""
+    levels = len(config["channel_mults"])
+    new = dict(zip(unet_resolutions(config["image_size"], levels), unet_resolutions(size, levels)))
+    moved = {name: None if config[name] is None else [new[r] for r in config[name]] for name in ("attention_resolutions", "linear_attention_resolutions")}
+    return {**config, "image_channels": channels, "image_size": size, **moved}
+
+
 def _train_command(args) -> None:
     unet_config, recipe = RECIPES[args.recipe]
     config = dataclasses.replace(recipe, **{k: v for k, v in vars(args).items() if k in recipe.__dataclass_fields__})  # the options given
     seed_everything(config.seed)
+    images, labels = training_data(args.data, args.image_size)
+    if labels is None and args.num_classes is not None:
+        raise SystemExit(f"--num-classes needs labels, and a folder ({args.data}) has none: train it unconditionally")
+    unet_config = unet_config_for(unet_config, images.shape[1], images.shape[-1])  # Fashion-MNIST's: the recipe's as it is
     unet_config = {**unet_config, **({} if args.num_classes is None else {"num_classes": args.num_classes})}
     if args.init_from:
         if args.num_classes is None:
@@ -2535,7 +2572,6 @@ def _train_command(args) -> None:
         _check_same_config(args.init_from, "model", unet_config, model.config)
     else:
         model = UNet(**unet_config)
-    images, labels = load_fashion_mnist("train")
     resumable = Path(args.resume_file or work_dir() / f"{args.recipe}_{Path(args.out).name}")
     stop_after_s = None if args.stop_after is None else 60 * args.stop_after
     checkpoint = train(
@@ -2679,7 +2715,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python ddpm_helpers.py", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train_parser = commands.add_parser("train", help="train one of the course's recipes on Fashion-MNIST")
+    train_parser = commands.add_parser("train", help="train one of the course's recipes on Fashion-MNIST or other images (--data)")
+    train_parser.add_argument(
+        "--data", default="fashion-mnist", metavar="NAME_OR_FOLDER", help=f"one of {', '.join(NAMED_DATA)} (default: "
+        "fashion-mnist), or a folder of your own PNG/JPEG/WebP images, trained on in RGB (needs --image-size)"
+    )  # fmt: skip
+    train_parser.add_argument("--image-size", type=int, metavar="N", help="with a folder: crop its images square and resize them to N x N")
     train_parser.add_argument("--recipe", choices=RECIPES, default="default", help="default: for a GPU; cpu: a smaller model")
     train_parser.add_argument("--out", default=str(SHIPPED_CHECKPOINT), help="weights-only checkpoint to write")
     train_parser.add_argument("--resume-file", help="resumable checkpoint (default: data/checkpoints/<recipe>_<out name>)")
