@@ -32,6 +32,8 @@ import re
 import struct
 import tempfile
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -338,7 +340,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: Fashion-MNIST and MNIST from IDX files, found locally or downloaded
+# Data: Fashion-MNIST, MNIST and CIFAR-10 from IDX files, found locally or downloaded
 # ---------------------------------------------------------------------------------------------
 
 
@@ -348,6 +350,7 @@ class DatasetSource:
     hub_id: str  # Hugging Face dataset backed by parquet files (datasets >= 4 has no scripts)
     debian_package: str | None  # Debian ships Fashion-MNIST but not MNIST
     debian_dir: Path | None
+    image_column: str = "image"  # the column of the Hugging Face dataset that holds the images
 
 
 DATASETS = {
@@ -422,20 +425,22 @@ def _search_dirs(source: DatasetSource, data_dir: str | Path | None) -> list[Pat
     return dirs + [DATA_DIR / source.name] + ([source.debian_dir] if source.debian_dir else [])
 
 
-def _download(source: DatasetSource, split: str, target: Path) -> None:
-    """Download a split through Hugging Face ``datasets`` and store it as IDX files in ``target``."""
+def _download(source: DatasetSource, split: str, target: Path, stems: tuple[str, str]) -> None:
+    """Download a split through Hugging Face ``datasets`` and store it as IDX files ``stems`` in ``target``."""
     import datasets  # imported here: only the download path needs it
 
     table = datasets.load_dataset(source.hub_id, split=split)
-    images = np.stack([np.asarray(image, dtype=np.uint8) for image in table["image"]])
+    images = np.stack([np.asarray(image, dtype=np.uint8) for image in table[source.image_column]])
+    if images.ndim == 4:  # colour: (N, H, W, C) as PIL gives it -> (N, C, H, W) as the model takes it
+        images = images.transpose(0, 3, 1, 2)
     labels = np.asarray(table["label"], dtype=np.uint8)
-    image_stem, label_stem = IDX_FILES[split]
+    image_stem, label_stem = stems
     write_idx(target / f"{image_stem}.gz", images)
     write_idx(target / f"{label_stem}.gz", labels)
 
 
-def _missing_data_error(source: DatasetSource, split: str, searched: list[Path], reason: str) -> FileNotFoundError:
-    files = ", ".join(f"{stem}.gz" for stem in IDX_FILES[split])
+def _missing_data_error(source: DatasetSource, split: str, searched: list[Path], reason: str, stems: tuple[str, str]) -> FileNotFoundError:
+    files = ", ".join(f"{stem}.gz" for stem in stems)
     debian = (
         f"`apt-get install {source.debian_package}` puts the files in {source.debian_dir}"
         if source.debian_package
@@ -452,6 +457,24 @@ def _missing_data_error(source: DatasetSource, split: str, searched: list[Path],
     )
 
 
+def _read_split(
+    source: DatasetSource, split: str, stems: tuple[str, str], data_dir: str | Path | None, download: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 arrays of the IDX files ``stems`` (images, labels): found where :func:`_search_dirs`
+    looks or, with ``download``, downloaded into ``data_dir`` or ``data/<name>`` first."""
+    searched = _search_dirs(source, data_dir)
+    folder = next((d for d in searched if all(_find_idx(d, stem) for stem in stems)), None)
+    if folder is None:
+        if not download:
+            raise _missing_data_error(source, split, searched, "no IDX files there and download=False", stems)
+        folder = Path(data_dir) if data_dir else DATA_DIR / source.name
+        try:
+            _download(source, split, folder, stems)
+        except Exception as error:  # offline, hub down, `datasets` missing: say how else to get the data
+            raise _missing_data_error(source, split, searched, f"download failed ({error})", stems) from error
+    return tuple(read_idx(_find_idx(folder, stem)) for stem in stems)
+
+
 def load_idx_dataset(
     name: str, split: str = "train", data_dir: str | Path | None = None, download: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,22 +488,9 @@ def load_idx_dataset(
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if split not in IDX_FILES:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(IDX_FILES)}")
-    source = DATASETS[name]
-    image_stem, label_stem = IDX_FILES[split]
-    searched = _search_dirs(source, data_dir)
-    folder = next((d for d in searched if _find_idx(d, image_stem) and _find_idx(d, label_stem)), None)
-    if folder is None:
-        if not download:
-            raise _missing_data_error(source, split, searched, "no IDX files there and download=False")
-        folder = Path(data_dir) if data_dir else DATA_DIR / source.name
-        try:
-            _download(source, split, folder)
-        except Exception as error:  # offline, hub down, `datasets` missing: say how else to get the data
-            raise _missing_data_error(source, split, searched, f"download failed ({error})") from error
-    images = read_idx(_find_idx(folder, image_stem))
-    labels = read_idx(_find_idx(folder, label_stem))
+    images, labels = _read_split(DATASETS[name], split, IDX_FILES[split], data_dir, download)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{folder}: expected images (N, H, W) and labels (N,), got {images.shape} and {labels.shape}")
+        raise ValueError(f"{name}: expected images (N, H, W) and labels (N,), got {images.shape} and {labels.shape}")
     return uint8_to_model(torch.from_numpy(images.copy()).unsqueeze(1)), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -492,6 +502,28 @@ def load_fashion_mnist(split="train", data_dir=None, download=True) -> tuple[tor
 def load_mnist(split="train", data_dir=None, download=True) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST: see :func:`load_idx_dataset`."""
     return load_idx_dataset("mnist", split, data_dir, download)
+
+
+CIFAR10 = DatasetSource("cifar10", "uoft-cs/cifar10", None, None, image_column="img")
+CIFAR10_FILES = {  # IDX files like Fashion-MNIST's, the images 4-D (N, 3, 32, 32): read_idx and write_idx take any shape
+    "train": ("cifar10-train-images-idx4-ubyte", "cifar10-train-labels-idx1-ubyte"),
+    "test": ("cifar10-test-images-idx4-ubyte", "cifar10-test-labels-idx1-ubyte"),
+}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def load_cifar10(split="train", data_dir=None, download=True) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10: images ``(N, 3, 32, 32)`` float32 in [-1, 1] and labels ``(N,)`` int64 (``CIFAR10_CLASSES``).
+
+    Found like Fashion-MNIST (:func:`load_idx_dataset`) but with no Debian package: ``data_dir`` (or
+    ``DDPM_DATA_DIR``), ``data/cifar10``, then a download of ``uoft-cs/cifar10`` cached there as IDX files.
+    """
+    if split not in CIFAR10_FILES:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(CIFAR10_FILES)}")
+    images, labels = _read_split(CIFAR10, split, CIFAR10_FILES[split], data_dir, download)
+    if images.shape[1:] != (3, 32, 32) or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"cifar10: expected images (N, 3, 32, 32) and labels (N,), got {images.shape} and {labels.shape}")
+    return uint8_to_model(torch.from_numpy(images.copy())), torch.from_numpy(labels.astype(np.int64))
 
 
 class ImageDataset(Dataset):
@@ -537,6 +569,152 @@ def make_dataloader(
         images, labels = images[keep], labels[keep]
     dataset = ImageDataset(images, labels, flip=flip)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: a folder of your own images, and a folder of colour emoji to try it on
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # any case
+IMAGE_CHANNELS = {1: "L", 3: "RGB"}  # channels -> Pillow mode; "L" is the luminance 0.299 R + 0.587 G + 0.114 B
+
+
+def on_white(image):
+    """A PIL image as RGB, its transparent parts (emoji backgrounds, logos) made white rather than
+    black, the colour that Pillow's plain RGBA -> RGB conversion leaves under them."""
+    from PIL import Image
+
+    image = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
+
+
+def square_resized(image, size: int):
+    """The largest centred square of a PIL image, resized to ``size`` x ``size`` with Lanczos, Pillow's
+    sharpest filter; like all of Pillow's filters it averages over every source pixel when it shrinks,
+    so a photo reduced tenfold keeps its fine detail as grey levels instead of aliasing."""
+    from PIL import Image, ImageOps
+
+    return ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every PNG, JPEG and WebP file under ``folder``, subfolders included, in sorted order."""
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+
+
+def _no_images_error(folder: Path) -> ValueError:
+    suffixes = Counter(path.suffix.lower() or "(no suffix)" for path in folder.rglob("*") if path.is_file())
+    found = ", ".join(f"{count} {suffix}" for suffix, count in suffixes.most_common()) or "no files at all"
+    return ValueError(f"no images in {folder} or its subfolders: looked for {', '.join(IMAGE_SUFFIXES)} files (any case), found {found}")
+
+
+def _read_image(path: Path, size: int, mode: str) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        upright = ImageOps.exif_transpose(image)  # phone photos keep their rotation in EXIF
+        return np.asarray(square_resized(on_white(upright), size).convert(mode))
+
+
+def load_image_folder(path: str | Path, size: int, channels: int = 3) -> torch.Tensor:
+    """Every image under a folder (see :func:`image_files`) as ``(N, channels, size, size)`` float32 in
+    [-1, 1]: RGB (``channels=3``) or grey (1), transparency on white, centre-cropped and resized.
+    Files Pillow cannot read are skipped with one warning that counts them."""
+    folder = Path(path)
+    if channels not in IMAGE_CHANNELS:
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int (the side of the square images), got {size!r}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder of images: {'it is a file' if folder.exists() else 'nothing is there'}")
+    files = image_files(folder)
+    if not files:
+        raise _no_images_error(folder)
+    pictures, unreadable = [], []
+    for file in files:
+        try:
+            pictures.append(_read_image(file, size, IMAGE_CHANNELS[channels]))
+        except OSError:  # not an image after all, truncated, or a format Pillow lacks
+            unreadable.append(file.relative_to(folder).as_posix())
+    if unreadable:
+        names = ", ".join(unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
+        warnings.warn(f"skipped {len(unreadable)} of {len(files)} image files in {folder} that Pillow could not read: {names}")
+    if not pictures:
+        raise ValueError(f"none of the {len(files)} image files in {folder} could be read")
+    pixels = np.stack(pictures).reshape(len(pictures), size, size, channels)
+    return uint8_to_model(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous())
+
+
+def save_png(image, path: str | Path) -> Path:
+    """Write a PIL image as a PNG file, atomically (see :func:`_write_atomically`)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    _write_atomically(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")  # Debian's fonts-noto-color-emoji (SIL OFL)
+EMOJI_PIXELS = 109  # the size of the font's colour bitmaps, the only size FreeType renders it at
+EMOJI_RANGES = (range(0xA9, 0x3400), range(0x1F000, 0x1FB00))  # (c), (R), the symbol blocks, the emoji blocks
+
+
+def emoji_font(font: str | Path = EMOJI_FONT):
+    from PIL import ImageFont
+
+    if not Path(font).is_file():
+        raise FileNotFoundError(f"no emoji font at {font}: `apt-get install fonts-noto-color-emoji` puts it there")
+    # Pillow's basic layout draws one character at a time, all this needs; raqm fails on some code points
+    return ImageFont.truetype(str(font), EMOJI_PIXELS, layout_engine=ImageFont.Layout.BASIC)
+
+
+def emoji_codepoints(font) -> list[int]:
+    """The code points in ``EMOJI_RANGES`` that ``font`` draws: those without a glyph have an empty box."""
+    return [code for block in EMOJI_RANGES for code in block if _box_height(font, chr(code)) > 0]
+
+
+def _box_height(font, text: str) -> int:
+    _, top, _, bottom = font.getbbox(text)
+    return bottom - top
+
+
+def render_emoji(font, code: int, size: int):
+    """One emoji, drawn in colour at the font's bitmap size, on white, then square and ``size`` x ``size``."""
+    from PIL import Image, ImageDraw
+
+    _, _, right, bottom = font.getbbox(chr(code))
+    glyph = Image.new("RGBA", (right, bottom))  # transparent
+    ImageDraw.Draw(glyph).text((0, 0), chr(code), font=font, embedded_color=True)
+    return square_resized(on_white(glyph), size)
+
+
+def render_emoji_folder(folder: str | Path, size: int = 32, limit: int | None = None, font: str | Path = EMOJI_FONT) -> int:
+    """Write ``u<code point>.png`` into ``folder`` for each single-character emoji of the colour font
+    (or ``limit`` of them spread evenly over the code points: the first few dozen are grey symbols
+    such as (c) and (R)), ``size`` x ``size`` RGB; return how many were written."""
+    loaded = emoji_font(font)
+    codes = emoji_codepoints(loaded)
+    if limit is not None and limit < len(codes):
+        codes = [codes[index * len(codes) // limit] for index in range(limit)]
+    for code in codes:
+        save_png(render_emoji(loaded, code, size), Path(folder) / f"u{code:05x}.png")
+    return len(codes)
+
+
+def write_test_pattern_folder(folder: str | Path, count: int, size: int = 32, seed: int = 0) -> int:
+    """Write ``count`` PNGs of a random coloured disc or square on white into ``folder``: a folder of
+    RGB images for when the emoji font is absent. Returns ``count``."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    for index in range(count):
+        image = Image.new("RGB", (size, size), "white")
+        left, top = rng.randrange(size // 2), rng.randrange(size // 2)
+        side = rng.randint(size // 4, size // 2)
+        draw = ImageDraw.Draw(image)
+        shape = draw.ellipse if index % 2 else draw.rectangle
+        shape((left, top, left + side, top + side), fill=tuple(rng.randrange(200) for _ in range(3)))
+        save_png(image, Path(folder) / f"pattern{index:04d}.png")
+    return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2346,10 +2524,44 @@ def _float_or_none(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
+NAMED_DATA = ("fashion-mnist", "mnist", "cifar10")  # what `train --data` takes besides a folder
+
+
+def training_data(data: str, image_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images and labels (None for a folder, which has none) that ``train --data`` names."""
+    if data == "fashion-mnist":
+        images, labels = load_fashion_mnist("train")
+    elif data == "mnist":
+        images, labels = load_mnist("train")
+    elif data == "cifar10":
+        images, labels = load_cifar10("train")
+    elif not Path(data).is_dir():
+        raise SystemExit(f"--data {data} is neither one of {', '.join(NAMED_DATA)} nor a folder")
+    elif image_size is None:
+        raise SystemExit(f"--data {data} is a folder: give --image-size, the side its images are cropped and resized to (say 32)")
+    else:
+        return load_image_folder(data, image_size), None
+    if image_size not in (None, images.shape[-1]):
+        raise SystemExit(f"{data} images are {images.shape[-1]}x{images.shape[-1]}: --image-size resizes a folder's images only")
+    return images, labels
+
+
+def unet_config_for(config: dict, channels: int, size: int) -> dict:
+    """``config`` for ``(channels, size, size)`` images, its attention at the same levels as before."""
+    levels = len(config["channel_mults"])
+    new = dict(zip(unet_resolutions(config["image_size"], levels), unet_resolutions(size, levels)))
+    moved = {name: None if config[name] is None else [new[r] for r in config[name]] for name in ("attention_resolutions", "linear_attention_resolutions")}
+    return {**config, "image_channels": channels, "image_size": size, **moved}
+
+
 def _train_command(args) -> None:
     unet_config, recipe = RECIPES[args.recipe]
     config = dataclasses.replace(recipe, **{k: v for k, v in vars(args).items() if k in recipe.__dataclass_fields__})  # the options given
     seed_everything(config.seed)
+    images, labels = training_data(args.data, args.image_size)
+    if labels is None and args.num_classes is not None:
+        raise SystemExit(f"--num-classes needs labels, and a folder ({args.data}) has none: train it unconditionally")
+    unet_config = unet_config_for(unet_config, images.shape[1], images.shape[-1])  # Fashion-MNIST's: the recipe's as it is
     unet_config = {**unet_config, **({} if args.num_classes is None else {"num_classes": args.num_classes})}
     if args.init_from:
         if args.num_classes is None:
@@ -2360,7 +2572,6 @@ def _train_command(args) -> None:
         _check_same_config(args.init_from, "model", unet_config, model.config)
     else:
         model = UNet(**unet_config)
-    images, labels = load_fashion_mnist("train")
     resumable = Path(args.resume_file or work_dir() / f"{args.recipe}_{Path(args.out).name}")
     stop_after_s = None if args.stop_after is None else 60 * args.stop_after
     checkpoint = train(
@@ -2504,7 +2715,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python ddpm_helpers.py", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train_parser = commands.add_parser("train", help="train one of the course's recipes on Fashion-MNIST")
+    train_parser = commands.add_parser("train", help="train one of the course's recipes on Fashion-MNIST or other images (--data)")
+    train_parser.add_argument(
+        "--data", default="fashion-mnist", metavar="NAME_OR_FOLDER", help=f"one of {', '.join(NAMED_DATA)} (default: "
+        "fashion-mnist), or a folder of your own PNG/JPEG/WebP images, trained on in RGB (needs --image-size)"
+    )  # fmt: skip
+    train_parser.add_argument("--image-size", type=int, metavar="N", help="with a folder: crop its images square and resize them to N x N")
     train_parser.add_argument("--recipe", choices=RECIPES, default="default", help="default: for a GPU; cpu: a smaller model")
     train_parser.add_argument("--out", default=str(SHIPPED_CHECKPOINT), help="weights-only checkpoint to write")
     train_parser.add_argument("--resume-file", help="resumable checkpoint (default: data/checkpoints/<recipe>_<out name>)")
