@@ -2638,9 +2638,7 @@ def _sample_command(args) -> None:
     if out.suffix == ".pt":
         torch_save_atomically(model_to_uint8(x0), out)
     else:
-        buffer = io.BytesIO()
-        grid_picture(x0).save(buffer, format="PNG")
-        _write_atomically(out, buffer.getvalue())
+        save_png(grid_picture(x0), out)
     print(f"wrote {args.num} samples to {out}")
 
 
