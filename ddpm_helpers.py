@@ -840,7 +840,7 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.dim))
+        return self.mlp(sinusoidal_embedding(t, self.dim).to(self.mlp[0].weight.dtype))  # float64 in a float64 model
 
 
 def scale_and_shift(h: torch.Tensor, film: torch.Tensor) -> torch.Tensor:

@@ -251,7 +251,7 @@ def tiny_unet(**changes):
 @pytest.mark.parametrize("steps", [1, 5, 50])
 @pytest.mark.parametrize("clip_x0", [False, True])
 def test_dpm_solver_of_order_one_on_ddims_steps_is_ddim(steps, clip_x0):
-    model, x_T = tiny_unet(), torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    model, x_T = tiny_unet().double(), torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ddim = ddim_sample(model, TINY_SCHEDULE, x_T.shape, steps=steps, x_T=x_T, clip_x0=clip_x0, progress=False)
     first_order = dpm_solver_sample(model, TINY_SCHEDULE, x_T.shape, steps=steps, order=1, spacing="time", x_T=x_T, clip_x0=clip_x0, progress=False)
     torch.testing.assert_close(first_order, ddim, rtol=1e-4, atol=1e-4)
@@ -297,7 +297,9 @@ def test_labels_and_guidance_reach_every_call_as_one_doubled_batch(sampler, call
 
 
 def test_guided_dpm_solver_of_order_one_is_guided_ddim():
-    model, x_T, labels = tiny_unet(num_classes=2), torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 0, 1])
+    # in float64: guidance multiplies an untrained network's float32 rounding by 1 + w, enough to differ by 5e-4 on some CPUs
+    model, x_T = tiny_unet(num_classes=2).double(), torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1])
     ddim = ddim_sample(model, TINY_SCHEDULE, x_T.shape, steps=6, x_T=x_T, labels=labels, guidance=3.0, progress=False)
     ours = dpm_solver_sample(model, TINY_SCHEDULE, x_T.shape, steps=6, order=1, spacing="time", x_T=x_T, labels=labels, guidance=3.0, progress=False)
     torch.testing.assert_close(ours, ddim, rtol=1e-4, atol=1e-4)
