@@ -9,8 +9,8 @@ from PIL import Image
 
 import ddpm_helpers
 from ddpm_helpers import (
-    TrainConfig, TrainingSet, UNet, load_cifar10, load_image_folder, main, read_checkpoint, render_emoji_folder, train,
-    write_test_pattern_folder,
+    TrainConfig, TrainingSet, UNet, load_cifar10, load_image_folder, main, nearest_neighbours, read_checkpoint, render_emoji_folder,
+    train, write_test_pattern_folder,
 )  # fmt: skip
 
 RED = (255, 0, 0)
@@ -98,6 +98,20 @@ def test_the_test_patterns_are_coloured_and_differ(tmp_path):
     x = load_image_folder(tmp_path, 16)
     assert x.shape == (4, 3, 16, 16) and len({image.sum().item() for image in x}) == 4
     assert all((image < 0.5).any() for image in x)  # a shape on the white
+
+
+def test_nearest_neighbours_find_a_copy_at_zero_and_measure_rms_per_pixel():
+    references = torch.rand(50, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    brighter = (references[7] + 0.1).clamp(max=1)
+    queries = torch.stack([references[31], brighter, -torch.ones(3, 8, 8)])
+    distances, indices = nearest_neighbours(queries, references, chunk=2)  # chunks of queries change nothing
+    assert indices[:2].tolist() == [31, 7] and distances[0] == 0
+    torch.testing.assert_close(distances[1], (brighter - references[7]).double().pow(2).mean().sqrt())
+    all_pairs = torch.stack([(queries[2] - r).double().pow(2).mean().sqrt() for r in references])
+    assert indices[2] == all_pairs.argmin()
+    torch.testing.assert_close(distances[2], all_pairs.min())
+    with pytest.raises(ValueError, match="one shape"):
+        nearest_neighbours(queries, references[:, :1])
 
 
 @pytest.fixture
