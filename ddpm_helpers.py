@@ -721,14 +721,14 @@ def nearest_neighbours(queries: torch.Tensor, references: torch.Tensor, chunk: i
     """For each image of ``queries`` ``(B, C, H, W)`` the nearest image of ``references`` ``(N, C, H, W)``
     in pixel space (notebook 10's check for copies of training images): ``(distances, indices)``, each
     ``(B,)``. A distance is the root-mean-square difference per pixel and channel, in the images' [-1, 1]
-    units (0: the same image; 2: black against white everywhere), computed exactly in float64, so that
-    a copy reads as 0."""
+    units (0: the same image; 2: black against white everywhere), computed in float64 (a copy reads as
+    0 to within 1e-6) with matrix products, fast enough for 100 samples against CIFAR-10's 50,000 images."""
     check_images(queries, "queries")
     check_images(references, "references")
     if queries.shape[1:] != references.shape[1:] or not len(references):
         raise ValueError(f"queries {tuple(queries.shape)} and references {tuple(references.shape)} must be images of one shape, and references not empty")
     flat = references.flatten(1).double()
-    nearest = [torch.cdist(block.flatten(1).double(), flat, compute_mode="donot_use_mm_for_euclid_dist").min(1) for block in queries.split(chunk)]
+    nearest = [torch.cdist(block.flatten(1).double(), flat, compute_mode="use_mm_for_euclid_dist").min(1) for block in queries.split(chunk)]
     distances = torch.cat([found.values for found in nearest]) / math.sqrt(flat.shape[1])
     return distances, torch.cat([found.indices for found in nearest])
 
