@@ -1450,7 +1450,8 @@ def set_random_state(state: dict, device: torch.device, seed: int) -> None:
     Exact means: resumed on the device type it was saved on, a run draws exactly the batches, timesteps,
     noise and dropout masks an uninterrupted one would. Across device types it cannot: a GPU draws them
     from its own generator, which a CPU does not have (and a GPU's state is not used on a CPU). There the
-    resumed run draws a stream of its own, the same every time that checkpoint resumes."""
+    resumed run draws a stream of its own, the same every time that checkpoint resumes. Under torchrun
+    the state is rank 0's, and only rank 0 continues it; every other rank draws from :func:`rank_seed`."""
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
