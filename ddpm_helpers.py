@@ -41,6 +41,7 @@ import torch
 from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -99,15 +100,16 @@ def get_device() -> torch.device:
     return torch.device("cpu")
 
 
-def describe_hardware(device: torch.device | str | None = None) -> str:
-    """One line naming the hardware a result was measured on, for notebooks to print."""
+def describe_hardware(device: torch.device | str | None = None, processes: int = 1) -> str:
+    """One line naming the hardware a result was measured on, for notebooks to print. ``processes``: how
+    many training processes ran together (torchrun), each on such a GPU or with so many CPU threads."""
     device = torch.device(device or get_device())
     if device.type == "cuda":
         chip = torch.cuda.get_device_name(device)
     else:
         threads = torch.get_num_threads()
         chip = f"{cpu_model()} CPU, {threads} thread{'s' if threads > 1 else ''}"
-    return f"{chip}; PyTorch {torch.__version__}"
+    return f"{chip}{f', {processes} processes' if processes > 1 else ''}; PyTorch {torch.__version__}"
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -1282,7 +1284,7 @@ class TrainConfig:
     """The course's training recipe. ``TRAIN_CONFIG`` holds the default (quick mode: a short run)."""
 
     steps: int = 10_000
-    batch_size: int = 128
+    batch_size: int = 128  # per process: N processes (torchrun) train on N x batch_size images a step
     lr: float = 2e-4  # Adam, as in the paper
     warmup_steps: int = 500  # linear learning-rate warm-up, as in the paper (which uses 5000)
     ema_decay: float = 0.999  # short runs need a shorter EMA horizon than the paper's 0.9999
@@ -1464,12 +1466,87 @@ def set_random_state(state: dict, device: torch.device, seed: int) -> None:
     Exact means: resumed on the device type it was saved on, a run draws exactly the batches, timesteps,
     noise and dropout masks an uninterrupted one would. Across device types it cannot: a GPU draws them
     from its own generator, which a CPU does not have (and a GPU's state is not used on a CPU). There the
-    resumed run draws a stream of its own, the same every time that checkpoint resumes."""
+    resumed run draws a stream of its own, the same every time that checkpoint resumes. Under torchrun
+    the state is rank 0's, and only rank 0 continues it; every other rank draws from :func:`rank_seed`."""
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
     elif device.type == "cuda":
         torch.cuda.manual_seed_all(seed)
+
+
+# Several processes (`torchrun --nproc_per_node N ddpm_helpers.py train`): DistributedDataParallel. Every
+# process holds the whole model and draws batches of its own; their gradients are averaged at each step.
+
+RANK_SEED_STRIDE = 1_000_000  # between the seeds of neighbouring ranks: more steps than a run takes (rank_seed)
+
+
+def launched_as_one_of_several() -> bool:
+    """Whether this process is one of several training together: started by torchrun (which sets
+    ``WORLD_SIZE``) or in a process group started already."""
+    return process_group_started() or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_group_started() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def is_main_process() -> bool:
+    """Whether this is rank 0, the process that keeps the EMA, draws sample grids, writes checkpoints and
+    prints; True for a process alone."""
+    return not process_group_started() or torch.distributed.get_rank() == 0
+
+
+def number_of_processes() -> int:
+    return torch.distributed.get_world_size() if process_group_started() else 1
+
+
+def distributed_context(device: torch.device) -> tuple[torch.device, int, int]:
+    """``(device, rank, world_size)`` of this training process. Alone, ``(device, 0, 1)``, and nothing
+    starts. One of several (:func:`launched_as_one_of_several`), it joins the process group unless it is
+    in it already (backend ``nccl`` on GPUs, ``gloo`` on CPUs; the address from torchrun's environment
+    variables), and on a GPU it takes GPU ``LOCAL_RANK``, one GPU a process."""
+    if not launched_as_one_of_several():
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if not process_group_started():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def rank_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random stream when it starts training at ``step``: ``seed + step +
+    rank * RANK_SEED_STRIDE``. Rank 0 starts a run from ``seed`` and resumes from the random state in
+    the checkpoint (rank 0's); every other rank starts and resumes from this seed, a stream of its own
+    that is the same every time a checkpoint resumes, on any number of processes."""
+    return seed + step + rank * RANK_SEED_STRIDE
+
+
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over the training processes (one all-reduce); ``x`` itself for a process alone."""
+    if number_of_processes() == 1:
+        return x
+    total = x.clone()
+    torch.distributed.all_reduce(total)
+    return total / number_of_processes()
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true in any training process (one all-reduce, read back to the host), so that
+    all processes act on a decision that one clock made; ``flag`` itself for a process alone."""
+    if number_of_processes() == 1:
+        return flag
+    flags = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return bool(flags.item())
+
+
+def wait_for_all_processes() -> None:
+    """A barrier: no process goes on before every one has come here (nothing to wait for alone)."""
+    if number_of_processes() > 1:
+        torch.distributed.barrier()
 
 
 def check_finite_losses(losses: list[float], first_step: int, config: TrainConfig) -> None:
@@ -1524,8 +1601,21 @@ def train(
     same machine and thread count; on another CPU or a GPU it continues with the same data order,
     learning-rate schedule and random stream, but its floating-point sums may round differently.
     Each call is one segment in the checkpoint's ``segments``: the steps it trained, its time, its hardware.
+
+    Launched by torchrun as N processes (or called in a process group), each process trains the whole
+    model in ``DistributedDataParallel`` on a GPU of its own (``LOCAL_RANK``) or on the CPU
+    (:func:`distributed_context`), on ``config.batch_size`` images drawn from its own random stream
+    (:func:`rank_seed`), so a step sees N x ``batch_size`` images; the gradients are averaged over the
+    processes in the backward pass, so every process takes the same optimizer step. The losses recorded
+    are the mean of the processes' losses: each the loss of the step's N x ``batch_size`` images. Rank 0 alone keeps the
+    EMA, draws the sample grids and writes the checkpoint (the other processes return the dictionary
+    without the EMA); when ``train`` returns, in any process, the checkpoint is written. A checkpoint
+    resumes on any number of processes: rank 0 continues the saved random state, the others draw from
+    :func:`rank_seed`. Give every process the same arguments. With ``stop_after_s`` the processes agree
+    at every step whether the time is up (one small all-reduce and host sync a step).
     """
-    device = torch.device(device or get_device())
+    device, rank, world_size = distributed_context(torch.device(device or get_device()))
+    main_process = rank == 0
     if (stop_at is not None or stop_after_s is not None) and checkpoint_path is None:
         raise ValueError("a planned stop (stop_at, stop_after_s) needs a checkpoint_path to resume from")
     if stop_at is not None and stop_at < 1:
@@ -1541,7 +1631,7 @@ def train(
     model.to(device).train()
     schedule = Schedule.from_name(config.schedule, config.timesteps).to(device)
     data = TrainingSet(images, flip=config.flip, device=device, seed=config.seed, labels=labels)
-    ema = make_ema(model, config.ema_decay, warmup=config.ema_warmup)
+    ema = make_ema(model, config.ema_decay, warmup=config.ema_warmup) if main_process else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
     dtype = autocast_dtype(device) if mixed_precision else None
@@ -1552,13 +1642,16 @@ def train(
     seed_everything(config.seed)
     if resuming:
         state = _resume(checkpoint_path, model, ema, optimizer, warmup, scaler, config, device)
-    segment = {"first_step": state["step"], "steps": 0, "wall_time_s": 0.0, "hardware": describe_hardware(device)}
+    if rank > 0:  # a random stream of its own
+        torch.manual_seed(rank_seed(config.seed, state["step"], rank))
+    network = model if world_size == 1 else DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    segment = {"first_step": state["step"], "steps": 0, "wall_time_s": 0.0, "hardware": describe_hardware(device, world_size)}
     state["segments"].append(segment)
     segment_started = time.perf_counter()
     started = segment_started - state["wall_time_s"]
     last = config.steps if stop_at is None else min(stop_at, config.steps)
     unread = torch.zeros(LOG_EVERY, device=device)  # losses not yet read from the device
-    bar = tqdm(range(state["step"], last), initial=state["step"], total=config.steps, disable=not progress)
+    bar = tqdm(range(state["step"], last), initial=state["step"], total=config.steps, disable=not progress or not main_process)
 
     def record_time() -> None:
         now = time.perf_counter()
@@ -1566,7 +1659,7 @@ def train(
         segment.update(steps=state["step"] - segment["first_step"], wall_time_s=now - segment_started)
 
     def read_losses(count: int) -> None:
-        losses = unread[:count].tolist()  # the one host sync
+        losses = mean_over_processes(unread)[:count].tolist()  # the one host sync
         check_finite_losses(losses, len(state["losses"]), config)
         state["losses"].extend(losses)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -1578,7 +1671,7 @@ def train(
             x0, c = data.batch(config.batch_size)
             c = drop_labels(c, config.p_uncond, model.null_label)
         with values_known_valid(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = p_losses(model, schedule, x0, loss_type=config.loss_type, labels=c, loss_weights=loss_weights)
+            loss = p_losses(network, schedule, x0, loss_type=config.loss_type, labels=c, loss_weights=loss_weights)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -1586,24 +1679,26 @@ def train(
         scaler.step(optimizer)
         scaler.update()
         warmup.step()
-        ema.update_parameters(model)
+        if main_process:
+            ema.update_parameters(model)
         unread[step - len(state["losses"])] = loss.detach()
         state["step"] = step + 1
-        stopping = state["step"] == last or (stop_after_s is not None and time.perf_counter() - segment_started >= stop_after_s)
+        stopping = state["step"] == last or (stop_after_s is not None and any_process(time.perf_counter() - segment_started >= stop_after_s, device))
         sample_now = on_sample and state["step"] % config.sample_every == 0
         save_now = checkpoint_path and (state["step"] % config.checkpoint_every == 0 or stopping)
         if sample_now or save_now or state["step"] - len(state["losses"]) == LOG_EVERY or stopping:
             read_losses(state["step"] - len(state["losses"]))
-        if sample_now:
+        if sample_now and main_process:
             grid_labels = None if labels is None else cycled_labels(num_samples, k)
             on_sample(state["step"], p_sample_loop(ema.module, schedule, (num_samples, *x0.shape[1:]), progress=False, labels=grid_labels))
-        if save_now:
+        if save_now and main_process:
             record_time()
             save_checkpoint(checkpoint_path, model, ema, config, state, optimizer, warmup, scaler)
         if stopping:
             break
     bar.close()
     record_time()
+    wait_for_all_processes()  # until rank 0 has written the checkpoint
     return _checkpoint_dict(model, ema, config, state, optimizer, warmup, scaler)
 
 
@@ -1620,11 +1715,11 @@ def _checkpoint_dict(model, ema, config, state, optimizer=None, warmup=None, sca
         "losses": list(state["losses"]),
         "wall_time_s": state["wall_time_s"],
         "segments": [dict(segment) for segment in state.get("segments", [])],
-        "hardware": describe_hardware(next(model.parameters()).device),
-        "ema": ema.module.state_dict(),
-        "ema_n_averaged": ema.n_averaged,
-        "model": model.state_dict(),
+        "hardware": describe_hardware(next(model.parameters()).device, number_of_processes()),
     }
+    if ema is not None:  # rank 0 alone keeps the EMA (train)
+        checkpoint.update(ema=ema.module.state_dict(), ema_n_averaged=ema.n_averaged)
+    checkpoint["model"] = model.state_dict()
     if optimizer is not None:
         checkpoint.update(optimizer=optimizer.state_dict(), warmup=warmup.state_dict(), scaler=scaler.state_dict())
         checkpoint["random_state"] = random_state(next(model.parameters()).device)
@@ -1677,8 +1772,9 @@ def _resume(path, model, ema, optimizer, warmup, scaler, config, device) -> dict
     if "optimizer" not in checkpoint:
         raise ValueError(f"{path} holds weights only (no optimizer state), so training cannot resume from it")
     model.load_state_dict(checkpoint["model"])
-    ema.module.load_state_dict(checkpoint["ema"])
-    ema.n_averaged.copy_(checkpoint["ema_n_averaged"])
+    if ema is not None:  # rank 0's (train)
+        ema.module.load_state_dict(checkpoint["ema"])
+        ema.n_averaged.copy_(checkpoint["ema_n_averaged"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     warmup.load_state_dict(checkpoint["warmup"])
     if checkpoint.get("scaler"):  # empty if written with the scaler off (bf16, float32): fp16 then starts a fresh one
@@ -2590,10 +2686,16 @@ def _train_command(args) -> None:
         model = UNet(**unet_config)
     resumable = Path(args.resume_file or work_dir() / f"{args.recipe}_{Path(args.out).name}")
     stop_after_s = None if args.stop_after is None else 60 * args.stop_after
+    joins_group = launched_as_one_of_several() and not process_group_started()  # started by torchrun: train joins the others
     checkpoint = train(
         model, images, config, checkpoint_path=resumable, device=args.device, mixed_precision=not args.fp32,
         labels=None if args.num_classes is None else labels, stop_at=args.stop_at, stop_after_s=stop_after_s,
     )  # fmt: skip
+    main_process = is_main_process()
+    if joins_group:  # and leaves them: what follows is rank 0's alone
+        torch.distributed.destroy_process_group()
+    if not main_process:
+        return
     if checkpoint["step"] < config.steps:
         print(f"stopped as planned at step {checkpoint['step']} of {config.steps}; {resumable} holds the run: the same command without the stop resumes it")
         return
