@@ -2639,8 +2639,11 @@ def _float_or_none(text: str) -> float | None:
 NAMED_DATA = ("fashion-mnist", "mnist", "cifar10")  # what `train --data` takes besides a folder
 
 
-def training_data(data: str, image_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The images and labels (None for a folder, which has none) that ``train --data`` names."""
+def training_data(data: str, image_size: int | None, grey: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images and labels (None for a folder, which has none) that ``train --data`` names; a folder
+    in RGB, or in grey with ``grey``."""
+    if grey and data in NAMED_DATA:
+        raise SystemExit(f"--grey converts a folder's images: {data} comes as it is (Fashion-MNIST and MNIST in grey, CIFAR-10 in RGB)")
     if data == "fashion-mnist":
         images, labels = load_fashion_mnist("train")
     elif data == "mnist":
@@ -2652,7 +2655,7 @@ def training_data(data: str, image_size: int | None) -> tuple[torch.Tensor, torc
     elif image_size is None:
         raise SystemExit(f"--data {data} is a folder: give --image-size, the side its images are cropped and resized to (say 32)")
     else:
-        return load_image_folder(data, image_size), None
+        return load_image_folder(data, image_size, channels=1 if grey else 3), None
     if image_size not in (None, images.shape[-1]):
         raise SystemExit(f"{data} images are {images.shape[-1]}x{images.shape[-1]}: --image-size resizes a folder's images only")
     return images, labels
@@ -2670,7 +2673,7 @@ def _train_command(args) -> None:
     unet_config, recipe = RECIPES[args.recipe]
     config = dataclasses.replace(recipe, **{k: v for k, v in vars(args).items() if k in recipe.__dataclass_fields__})  # the options given
     seed_everything(config.seed)
-    images, labels = training_data(args.data, args.image_size)
+    images, labels = training_data(args.data, args.image_size, args.grey)
     if labels is None and args.num_classes is not None:
         raise SystemExit(f"--num-classes needs labels, and a folder ({args.data}) has none: train it unconditionally")
     unet_config = unet_config_for(unet_config, images.shape[1], images.shape[-1])  # Fashion-MNIST's: the recipe's as it is
@@ -2837,6 +2840,7 @@ def main(argv: list[str] | None = None) -> None:
         "fashion-mnist), or a folder of your own PNG/JPEG/WebP images, trained on in RGB (needs --image-size)"
     )  # fmt: skip
     train_parser.add_argument("--image-size", type=int, metavar="N", help="with a folder: crop its images square and resize them to N x N")
+    train_parser.add_argument("--grey", action="store_true", help="with a folder: train on its images in grey (default: RGB)")
     train_parser.add_argument("--recipe", choices=RECIPES, default="default", help="default: for a GPU; cpu: a smaller model")
     train_parser.add_argument("--out", default=str(SHIPPED_CHECKPOINT), help="weights-only checkpoint to write")
     train_parser.add_argument("--resume-file", help="resumable checkpoint (default: data/checkpoints/<recipe>_<out name>)")

@@ -184,11 +184,19 @@ def test_cli_trains_on_a_folder_at_the_size_asked(tmp_path, tiny_recipe):
     assert checkpoint["step"] == 2
 
 
+def test_cli_trains_on_a_folder_in_grey_when_asked(tmp_path, tiny_recipe):
+    write_test_pattern_folder(tmp_path / "pictures", 8)
+    checkpoint = cli_train(tmp_path, "--data", str(tmp_path / "pictures"), "--image-size", "16", "--grey")
+    assert (checkpoint["model_config"]["image_channels"], checkpoint["model_config"]["image_size"]) == (1, 16)
+
+
 def test_cli_refuses_what_a_folder_cannot_give(tmp_path, tiny_recipe):
     write_test_pattern_folder(tmp_path / "pictures", 2)
     with pytest.raises(SystemExit, match="give --image-size"):
         cli_train(tmp_path, "--data", str(tmp_path / "pictures"))
     with pytest.raises(SystemExit, match="--num-classes needs labels"):
         cli_train(tmp_path, "--data", str(tmp_path / "pictures"), "--image-size", "16", "--num-classes", "10")
+    with pytest.raises(SystemExit, match="--grey converts a folder's images: cifar10 comes as it is"):
+        ddpm_helpers.training_data("cifar10", None, grey=True)
     with pytest.raises(SystemExit, match="neither one of fashion-mnist, mnist, cifar10 nor a folder"):
         cli_train(tmp_path, "--data", str(tmp_path / "nowhere"))
