@@ -2623,12 +2623,16 @@ def export_checkpoint(resumable: str | Path, out: str | Path) -> Path:
     return torch_save_atomically(checkpoint, out)
 
 
+def record_in_checkpoint(path: str | Path, **entries) -> None:
+    """Add ``entries`` (plain data) to checkpoint ``path``, atomically: what the training call itself
+    does not know, such as where its weights or its images came from."""
+    torch_save_atomically({**read_checkpoint(path), **entries}, path)
+
+
 def record_warm_start(path: str | Path, init_from: str | Path) -> None:
     """Note in checkpoint ``path`` that training started from the weights in ``init_from``
     (:func:`conditional_from_unconditional`): its file name and step count."""
-    checkpoint = read_checkpoint(path)
-    checkpoint["init_from"] = {"file": str(in_course(init_from)), "step": read_checkpoint(init_from)["step"]}
-    torch_save_atomically(checkpoint, path)
+    record_in_checkpoint(path, init_from={"file": str(in_course(init_from)), "step": read_checkpoint(init_from)["step"]})
 
 
 def _float_or_none(text: str) -> float | None:
@@ -2705,6 +2709,8 @@ def _train_command(args) -> None:
     export_checkpoint(resumable, args.out)
     if args.init_from:  # the file says where its weights started
         record_warm_start(args.out, args.init_from)
+    data = args.data if args.data in NAMED_DATA else str(in_course(args.data))
+    record_in_checkpoint(args.out, data={"name": data, "images": len(images), "channels": images.shape[1], "size": images.shape[-1]})
     print(f"trained {checkpoint['step']} steps in {checkpoint['wall_time_s'] / 60:.1f} min on {checkpoint['hardware']}; wrote {args.out}")
 
 
@@ -2781,6 +2787,9 @@ def _evaluate_command(args) -> None:
     if (model.config["image_channels"], model.config["image_size"]) != (1, 28):
         shape = f"{model.config['image_channels']}x{model.config['image_size']}x{model.config['image_size']}"
         raise SystemExit(f"{args.checkpoint} makes {shape} images; the classifier needs 1x28x28 (Fashion-MNIST)")
+    trained_on = checkpoint.get("data", {"name": "fashion-mnist"})["name"]  # files from before train recorded it: Fashion-MNIST
+    if trained_on != "fashion-mnist":
+        raise SystemExit(f"{args.checkpoint} was trained on {trained_on}; the FID here compares with Fashion-MNIST, in a Fashion-MNIST classifier's features")
     test_images, train_images = load_fashion_mnist("test")[0], load_fashion_mnist("train")[0]
     if not 2 <= args.num <= len(test_images):
         raise SystemExit(f"--num must lie in 2..{len(test_images)} (the test set's size), got {args.num}")

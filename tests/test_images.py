@@ -184,10 +184,13 @@ def test_cli_trains_on_a_folder_at_the_size_asked(tmp_path, tiny_recipe):
     assert checkpoint["step"] == 2
 
 
-def test_cli_trains_on_a_folder_in_grey_when_asked(tmp_path, tiny_recipe):
+def test_cli_trains_on_a_folder_in_grey_when_asked_and_records_the_data(tmp_path, tiny_recipe):
     write_test_pattern_folder(tmp_path / "pictures", 8)
-    checkpoint = cli_train(tmp_path, "--data", str(tmp_path / "pictures"), "--image-size", "16", "--grey")
-    assert (checkpoint["model_config"]["image_channels"], checkpoint["model_config"]["image_size"]) == (1, 16)
+    checkpoint = cli_train(tmp_path, "--data", str(tmp_path / "pictures"), "--image-size", "28", "--grey")
+    assert (checkpoint["model_config"]["image_channels"], checkpoint["model_config"]["image_size"]) == (1, 28)
+    assert checkpoint["data"] == {"name": str(tmp_path / "pictures"), "images": 8, "channels": 1, "size": 28}
+    with pytest.raises(SystemExit, match="was trained on .*pictures; the FID here compares with Fashion-MNIST"):
+        main(["evaluate", "--checkpoint", str(tmp_path / "model.pt"), "--num", "2", "--device", "cpu"])  # the shape fits, the data does not
 
 
 def test_cli_refuses_what_a_folder_cannot_give(tmp_path, tiny_recipe):

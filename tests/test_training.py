@@ -223,6 +223,7 @@ def test_cli_trains_a_recipe_and_exports(tmp_path, monkeypatch, recipe):
     checkpoint = read_checkpoint(out)
     assert checkpoint["step"] == 3 and checkpoint["train_config"]["timesteps"] == 50 and "optimizer" not in checkpoint
     assert checkpoint["train_config"]["lr"] == 3e-4 and checkpoint["train_config"]["batch_size"] == train_config.batch_size
+    assert checkpoint["data"] == {"name": "fashion-mnist", "images": 64, "channels": 1, "size": 28}
 
 
 def test_the_cpu_recipe_is_the_default_with_a_smaller_model_and_the_study_s_stack():
