@@ -2607,12 +2607,12 @@ def _megabytes(state_dict: dict) -> float:
     return sum(value.numel() * value.element_size() for value in state_dict.values()) / 2**20
 
 
-def export_checkpoint(resumable: str | Path, out: str | Path) -> Path:
+def export_checkpoint(resumable: str | Path, out: str | Path, **entries) -> Path:
     """What the course ships in ``data/pretrained/``: a training checkpoint without its optimizer
     state, weights stored in float16 (``load_state_dict`` casts them back to float32; sampling
     cannot tell the difference), and the raw weights beside the EMA ones only if the file stays
-    within ``MAX_SHIPPED_MB``."""
-    checkpoint = read_checkpoint(resumable)
+    within ``MAX_SHIPPED_MB``; ``entries`` (plain data) are added, such as the ``data`` it trained on."""
+    checkpoint = {**read_checkpoint(resumable), **entries}
     for key in ("optimizer", "warmup", "scaler", "random_state"):
         checkpoint.pop(key, None)
     checkpoint["ema"], checkpoint["model"] = _half_precision(checkpoint["ema"]), _half_precision(checkpoint["model"])
@@ -2623,16 +2623,12 @@ def export_checkpoint(resumable: str | Path, out: str | Path) -> Path:
     return torch_save_atomically(checkpoint, out)
 
 
-def record_in_checkpoint(path: str | Path, **entries) -> None:
-    """Add ``entries`` (plain data) to checkpoint ``path``, atomically: what the training call itself
-    does not know, such as where its weights or its images came from."""
-    torch_save_atomically({**read_checkpoint(path), **entries}, path)
-
-
 def record_warm_start(path: str | Path, init_from: str | Path) -> None:
     """Note in checkpoint ``path`` that training started from the weights in ``init_from``
     (:func:`conditional_from_unconditional`): its file name and step count."""
-    record_in_checkpoint(path, init_from={"file": str(in_course(init_from)), "step": read_checkpoint(init_from)["step"]})
+    checkpoint = read_checkpoint(path)
+    checkpoint["init_from"] = {"file": str(in_course(init_from)), "step": read_checkpoint(init_from)["step"]}
+    torch_save_atomically(checkpoint, path)
 
 
 def _float_or_none(text: str) -> float | None:
@@ -2706,11 +2702,10 @@ def _train_command(args) -> None:
     if checkpoint["step"] < config.steps:
         print(f"stopped as planned at step {checkpoint['step']} of {config.steps}; {resumable} holds the run: the same command without the stop resumes it")
         return
-    export_checkpoint(resumable, args.out)
-    if args.init_from:  # the file says where its weights started
+    data = {"name": args.data if args.data in NAMED_DATA else str(in_course(args.data)), "images": len(images), "channels": images.shape[1], "size": images.shape[-1]}
+    export_checkpoint(resumable, args.out, data=data)  # the file says what it trained on
+    if args.init_from:  # and where its weights started
         record_warm_start(args.out, args.init_from)
-    data = args.data if args.data in NAMED_DATA else str(in_course(args.data))
-    record_in_checkpoint(args.out, data={"name": data, "images": len(images), "channels": images.shape[1], "size": images.shape[-1]})
     print(f"trained {checkpoint['step']} steps in {checkpoint['wall_time_s'] / 60:.1f} min on {checkpoint['hardware']}; wrote {args.out}")
 
 
