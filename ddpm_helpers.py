@@ -2623,14 +2623,6 @@ def export_checkpoint(resumable: str | Path, out: str | Path, **entries) -> Path
     return torch_save_atomically(checkpoint, out)
 
 
-def record_warm_start(path: str | Path, init_from: str | Path) -> None:
-    """Note in checkpoint ``path`` that training started from the weights in ``init_from``
-    (:func:`conditional_from_unconditional`): its file name and step count."""
-    checkpoint = read_checkpoint(path)
-    checkpoint["init_from"] = {"file": str(in_course(init_from)), "step": read_checkpoint(init_from)["step"]}
-    torch_save_atomically(checkpoint, path)
-
-
 def _float_or_none(text: str) -> float | None:
     """A command-line number, or None for the word ``none`` (a recipe option switched off)."""
     return None if text.lower() == "none" else float(text)
@@ -2703,9 +2695,9 @@ def _train_command(args) -> None:
         print(f"stopped as planned at step {checkpoint['step']} of {config.steps}; {resumable} holds the run: the same command without the stop resumes it")
         return
     data = {"name": args.data if args.data in NAMED_DATA else str(in_course(args.data)), "images": len(images), "channels": images.shape[1], "size": images.shape[-1]}
-    export_checkpoint(resumable, args.out, data=data)  # the file says what it trained on
-    if args.init_from:  # and where its weights started
-        record_warm_start(args.out, args.init_from)
+    # the file says what it trained on and where its weights started (conditional_from_unconditional)
+    warm_start = {"init_from": {"file": str(in_course(args.init_from)), "step": read_checkpoint(args.init_from)["step"]}} if args.init_from else {}
+    export_checkpoint(resumable, args.out, data=data, **warm_start)
     print(f"trained {checkpoint['step']} steps in {checkpoint['wall_time_s'] / 60:.1f} min on {checkpoint['hardware']}; wrote {args.out}")
 
 
