@@ -2315,6 +2315,7 @@ def dpm_solver_sample(
     order=2,
     spacing="logSNR",
     sigma_to_t="interpolate",
+    lower_order_final=False,
     sde=False,
     clip_x0=False,
     generator=None,
@@ -2329,12 +2330,17 @@ def dpm_solver_sample(
     level of :func:`solver_levels` (default uniform in lambda = log-SNR / 2, Lu et al.'s advice for small
     images). ``order=2`` takes the first step and the last one, to x_0 (h is infinite there), at first
     order and every other step at second order; ``order=1`` is DDIM with eta = 0 on the same levels.
+    ``lower_order_final`` takes the step before the last one, into sigma_min, at first order too, as Lu
+    et al.'s code does for short runs (diffusers: below 15 steps): it matters where that step is much
+    longer in lambda than the one before it (levels uniform in t), where eq. 10's extrapolation overshoots.
     ``sde=True`` is DPM-Solver++(2M) SDE, which draws one z from ``generator`` at every step (as
     :func:`ddim_sample` does), so that its first order follows DDIM with eta = 1. Returns like
     :func:`ddim_sample` (``return_all``: ``steps + 1`` states); ``labels``, ``guidance``: :func:`guided_eps`."""
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2 (DPM-Solver++ first order, or its 2M multistep), got {order!r}")
     previous = None  # (x0, h) of the step before: the multistep's memory
+    levels = solver_levels(schedule, steps, spacing, sigma_to_t)
+    first_order_into = [None, levels[-1]] if lower_order_final else [None]  # None: to x_0, where h is infinite
 
     def step(x, pair):
         nonlocal previous
@@ -2342,15 +2348,14 @@ def dpm_solver_sample(
         sigma, sigma_next = level[1], (0.0 if level_next is None else level_next[1])
         y = x * math.sqrt(1 + sigma**2)
         x0 = denoise(model, y, level, clip_x0, labels, guidance)
-        multistep = previous if order == 2 and sigma_next > 0 else None  # first order to x_0: h is infinite
+        multistep = previous if order == 2 and level_next not in first_order_into else None
         noise = _noise_like(x, generator) if sde else None
         y_next = dpm_solver_update(y, sigma, sigma_next, x0, multistep, noise)
         if sigma_next > 0:
             previous = (x0, math.log(sigma / sigma_next))
         return y_next / math.sqrt(1 + sigma_next**2)
 
-    pairs = level_pairs(solver_levels(schedule, steps, spacing, sigma_to_t))
-    return reverse_chain(model, shape, step, pairs, x_T, generator, return_all, device, progress, schedule)
+    return reverse_chain(model, shape, step, level_pairs(levels), x_T, generator, return_all, device, progress, schedule)
 
 
 # ---------------------------------------------------------------------------------------------

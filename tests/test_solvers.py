@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ddpm_helpers import (
-    Schedule, TrainConfig, UNet, ddim_sample, ddim_timesteps, dpm_solver_sample, export_checkpoint, heun_sample,
+    Schedule, TrainConfig, UNet, ddim_sample, ddim_timesteps, denoise, dpm_solver_sample, export_checkpoint, heun_sample,
     load_checkpoint, main, model_to_uint8, schedule_sigmas, sigma_to_t, solver_levels, solver_sigmas, train,
 )  # fmt: skip
 
@@ -185,8 +185,22 @@ def test_at_20_steps_the_second_order_solvers_are_closer_to_the_exact_answer_tha
 
 def test_dpm_solver_on_ddims_time_steps_is_not_yet_second_order_at_20_steps():
     """Uniform in t, the last step before x_0 (t = 52 -> 0) is a long one in lambda, and the multistep's
-    linear extrapolation across it costs more than it gains: the reason the default spacing is logSNR."""
+    linear extrapolation across it costs more than it gains: the reason the default spacing is logSNR.
+    Taking that step at first order (``lower_order_final``, Lu et al.) puts the solver well ahead of DDIM."""
     assert error("DPM-Solver++", 20, spacing="time") > error("DDIM", 20) > error("DPM-Solver++", 20)
+    assert error("DPM-Solver++", 20, spacing="time", lower_order_final=True) < error("DDIM", 20) / 2
+    assert error("DPM-Solver++", 40, spacing="time", lower_order_final=True) < error("DPM-Solver++", 40, spacing="time") / 10
+
+
+def test_lower_order_final_takes_the_step_into_sigma_min_at_first_order_and_changes_nothing_before():
+    options = dict(steps=6, spacing="time", x_T=X_T, return_all=True, progress=False)
+    plain, lowered = (dpm_solver_sample(EXACT, SCHEDULE, X_T.shape, lower_order_final=lof, **options) for lof in (False, True))
+    torch.testing.assert_close(lowered[:-2], plain[:-2], rtol=0, atol=0)
+    level, (_, sigma_min) = solver_levels(SCHEDULE, 6, "time")[-2:]
+    y = lowered[-3] * math.sqrt(1 + level[1] ** 2)
+    y_min = sigma_min / level[1] * y + (1 - sigma_min / level[1]) * denoise(EXACT, y, level)  # eq. 9, DPM-Solver++1
+    torch.testing.assert_close(lowered[-2], y_min / math.sqrt(1 + sigma_min**2), rtol=1e-12, atol=1e-12)
+    assert (lowered[-2] - plain[-2]).abs().max() > 1e-3
 
 
 # Network calls and the ends of the chain -------------------------------------------------------
