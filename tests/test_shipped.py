@@ -25,7 +25,9 @@ def test_the_shipped_checkpoint_is_the_cpu_recipe_trained_to_the_end():
     assert checkpoint["model_config"] == model_config
     recipe = training_recipe(train_config)
     assert {k: checkpoint["train_config"][k] for k in recipe} == recipe
-    assert checkpoint["step"] == train_config.steps == len(checkpoint["losses"])
+    # the long run (issue 28): the cpu recipe planned for 30,000 steps (the recipe's own 5,000 stay a student's
+    # 75-minute run), finished: its cosine decay reached zero at its last step
+    assert checkpoint["step"] == checkpoint["train_config"]["steps"] == len(checkpoint["losses"]) >= 30_000
 
 
 def test_shipped_samples_are_garments_of_many_classes():
